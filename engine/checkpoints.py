@@ -1,0 +1,157 @@
+"""Model checkpoints: a folder holding ``model.safetensors`` and a JSON ``card.json``.
+
+Loading never unpickles. A checkpoint folder is written under a temporary name and renamed into
+place, so a crash leaves either no new model or a whole one. Shipped models live in
+``assets/models/<name>/`` and are addressed by ``<name>``.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import FineMaskError
+
+WEIGHTS_FILE = "model.safetensors"
+CARD_FILE = "card.json"
+FORMAT_VERSION = 1
+ASSETS_MODELS = Path(__file__).resolve().parent.parent / "assets" / "models"
+
+
+@dataclass
+class ModelCard:
+    """What a checkpoint is: enough to rebuild the model and to tell a user where it came from.
+
+    ``task`` is ``"segmentation"`` or ``"refinement"``; ``architecture`` names the builder
+    (``"dsrl"``, ``"cascadepsp"``); ``config`` holds the builder's dataclass fields;
+    ``input_size`` is the working size (width, height) the model was trained for.
+    """
+
+    name: str
+    task: str
+    architecture: str
+    config: dict[str, Any]
+    classes: list[str] = field(default_factory=list)
+    palette: list[list[int]] = field(default_factory=list)
+    input_size: list[int] | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    parent: str | None = None
+    training: dict[str, Any] = field(default_factory=dict)
+    created: str = ""
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], path: Path | None = None) -> "ModelCard":
+        known = {f for f in cls.__dataclass_fields__}
+        missing = [k for k in ("name", "task", "architecture", "config") if k not in data]
+        if missing:
+            raise FineMaskError(f"model card lacks the field(s) {', '.join(missing)}", path)
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def available_models() -> list[str]:
+    """Names of the shipped models in ``assets/models``."""
+    if not ASSETS_MODELS.is_dir():
+        return []
+    return sorted(p.name for p in ASSETS_MODELS.iterdir() if (p / CARD_FILE).is_file())
+
+
+def resolve(name_or_path: str | Path) -> Path:
+    """Return the checkpoint folder for a shipped model name, a folder, or a file inside one."""
+    path = Path(name_or_path).expanduser()
+    if path.is_file() and path.name in (WEIGHTS_FILE, CARD_FILE):
+        path = path.parent
+    if path.is_dir():
+        if not (path / CARD_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
+            raise FineMaskError(f"not a FineMask model folder (needs {WEIGHTS_FILE} and {CARD_FILE})", path)
+        return path
+    shipped = ASSETS_MODELS / str(name_or_path)
+    if "/" not in str(name_or_path) and (shipped / CARD_FILE).is_file():
+        return shipped
+    names = ", ".join(available_models()) or "none"
+    raise FineMaskError(f"no such model (shipped models: {names})", path)
+
+
+def read_card(name_or_path: str | Path) -> ModelCard:
+    """Read only the card of a checkpoint."""
+    folder = resolve(name_or_path)
+    card_path = folder / CARD_FILE
+    try:
+        data = json.loads(card_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FineMaskError(f"model card is not readable JSON ({exc})", card_path) from None
+    if not isinstance(data, dict):
+        raise FineMaskError("model card is not a JSON object", card_path)
+    return ModelCard.from_dict(data, card_path)
+
+
+def load_checkpoint(name_or_path: str | Path) -> tuple[dict[str, torch.Tensor], ModelCard]:
+    """Load tensors (as float32 where stored as half) and the card; never unpickles."""
+    folder = resolve(name_or_path)
+    card = read_card(folder)
+    weights = folder / WEIGHTS_FILE
+    try:
+        state = load_file(str(weights), device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise FineMaskError(f"weights file is not readable safetensors ({exc})", weights) from None
+    state = {k: (v.float() if v.dtype in (torch.float16, torch.bfloat16) else v) for k, v in state.items()}
+    return state, card
+
+
+def save_checkpoint(
+    folder: str | Path,
+    state_dict: Mapping[str, torch.Tensor],
+    card: ModelCard,
+    *,
+    half: bool = False,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``folder/model.safetensors`` and ``folder/card.json`` atomically as one folder.
+
+    ``half`` stores floating tensors as float16 (they load back as float32).
+    An existing folder is replaced only with ``overwrite=True``.
+    """
+    folder = Path(folder)
+    if folder.exists() and not overwrite:
+        raise FineMaskError("a model already exists here; choose a new name", folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    if not card.created:
+        card.created = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    tensors = {}
+    for k, v in state_dict.items():
+        v = v.detach().cpu().contiguous()
+        if half and v.is_floating_point():
+            v = v.half()
+        tensors[k] = v
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    try:
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        (tmp / CARD_FILE).write_text(card.to_json(), encoding="utf-8")
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if folder.exists():
+            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+            os.replace(folder, old)
+            os.replace(tmp, folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, folder)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            shutil.rmtree(tmp)
+    return folder

@@ -1,0 +1,260 @@
+"""Reading and writing images and label maps, with clear errors for bad files.
+
+Images come back as float32 RGB ``(H, W, 3)`` in [0, 1], whatever they were on disk: TIFF
+(8/16-bit, float, gray, RGB, RGBA, channel-first or -last; multi-page takes the first page with a
+warning), PNG and JPEG. Labels are integer class maps ``(H, W)``: uint8/uint16 TIFF (zlib) or
+palette PNG. Every problem is a :class:`~engine.errors.FineMaskError` naming the file; every
+write goes through a temporary file and a rename.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import tifffile
+from PIL import Image, UnidentifiedImageError
+
+from .atomic import atomic_path
+from .errors import FineMaskError
+
+#: Default upper bound on pixels per image (16384 x 16384); ``FINEMASK_MAX_PIXELS`` overrides it.
+DEFAULT_MAX_PIXELS = 16384 * 16384
+IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
+LABEL_SUFFIXES = (".tif", ".tiff", ".png")
+
+# Our own pixel limit replaces Pillow's bomb check (which would raise a non-FineMask error).
+Image.MAX_IMAGE_PIXELS = None
+
+
+def max_pixels_limit(max_pixels: int | None = None) -> int:
+    """The pixel limit in force: the argument, else ``$FINEMASK_MAX_PIXELS``, else the default."""
+    if max_pixels is not None:
+        return int(max_pixels)
+    env = os.environ.get("FINEMASK_MAX_PIXELS")
+    return int(env) if env else DEFAULT_MAX_PIXELS
+
+
+def read_image(path: str | Path, *, max_pixels: int | None = None) -> np.ndarray:
+    """Read an image file as float32 RGB ``(H, W, 3)`` in [0, 1]."""
+    path = Path(path)
+    return image_from_array(_read_array(path, IMAGE_SUFFIXES, max_pixels), path)
+
+
+def read_labels(
+    path: str | Path, *, shape: tuple[int, int] | None = None, max_pixels: int | None = None
+) -> np.ndarray:
+    """Read a label map ``(H, W)`` of class indices (uint8 or uint16).
+
+    ``shape`` is the (H, W) of the image the labels belong to; a mismatch is an error.
+    """
+    path = Path(path)
+    arr = _read_array(path, LABEL_SUFFIXES, max_pixels, labels=True)
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim != 2:
+        raise FineMaskError(
+            f"a label map must have one channel of class indices, found shape {arr.shape}"
+            " (colour label images are not supported: save class indices or a palette PNG)",
+            path,
+        )
+    arr = labels_from_array(arr, path)
+    if shape is not None and tuple(arr.shape) != tuple(shape[:2]):
+        raise FineMaskError(
+            f"label shape {arr.shape[0]}x{arr.shape[1]} (HxW) does not match the image "
+            f"{shape[0]}x{shape[1]}",
+            path,
+        )
+    return arr
+
+
+def labels_from_array(arr: np.ndarray, path: str | Path | None = None) -> np.ndarray:
+    """Check a class-index array and return it as uint8 or uint16 (H, W)."""
+    arr = np.asarray(arr)
+    if arr.ndim != 2 or 0 in arr.shape:
+        raise FineMaskError(f"a label map must be a non-empty 2-D array, found shape {arr.shape}", path)
+    if arr.dtype == bool:
+        return arr.astype(np.uint8)
+    if arr.dtype in (np.uint8, np.uint16):
+        return arr
+    if not np.issubdtype(arr.dtype, np.integer):
+        if np.issubdtype(arr.dtype, np.floating) and np.isfinite(arr).all() and (arr == np.round(arr)).all():
+            arr = arr.astype(np.int64)
+        else:
+            raise FineMaskError(f"unsupported label dtype {arr.dtype}: labels must be integer class ids", path)
+    lo, hi = int(arr.min()), int(arr.max())
+    if lo < 0 or hi > 65535:
+        raise FineMaskError(f"class ids must lie in 0..65535, found {lo}..{hi}", path)
+    return arr.astype(np.uint8 if hi < 256 else np.uint16)
+
+
+def image_from_array(arr: np.ndarray, path: str | Path | None = None) -> np.ndarray:
+    """Normalise an image array to float32 RGB ``(H, W, 3)`` in [0, 1].
+
+    Accepts (H, W), (H, W, C) or channel-first (C, H, W) with C in 1..4 (2 = gray + alpha,
+    4 = RGBA; alpha is dropped); uint8, uint16, bool, or float already in [0, 1].
+    """
+    arr = np.asarray(arr)
+    if arr.size == 0 or arr.ndim not in (2, 3):
+        raise FineMaskError(f"not a 2-D image: array shape {arr.shape}", path)
+    if arr.ndim == 3 and arr.shape[-1] not in (1, 2, 3, 4) and arr.shape[0] in (1, 2, 3, 4):
+        arr = np.moveaxis(arr, 0, -1)
+    if arr.ndim == 3 and arr.shape[-1] not in (1, 2, 3, 4):
+        raise FineMaskError(f"unsupported channel count {arr.shape[-1]} (need 1-4 channels)", path)
+    if min(arr.shape[:2]) < 1:
+        raise FineMaskError(f"image has zero size {arr.shape}", path)
+    if arr.dtype == np.uint8:
+        out = arr.astype(np.float32) / 255.0
+    elif arr.dtype == np.uint16:
+        out = arr.astype(np.float32) / 65535.0
+    elif arr.dtype == bool:
+        out = arr.astype(np.float32)
+    elif arr.dtype in (np.float16, np.float32, np.float64):
+        if not np.isfinite(arr).all():
+            raise FineMaskError("image contains NaN or infinite values", path)
+        lo, hi = float(arr.min()), float(arr.max())
+        if lo < 0.0 or hi > 1.0:
+            raise FineMaskError(f"float image values must lie in [0, 1], found {lo:g}..{hi:g}", path)
+        out = arr.astype(np.float32)
+    else:
+        raise FineMaskError(f"unsupported pixel type {arr.dtype} (use 8/16-bit integers or float in [0, 1])", path)
+    if out.ndim == 2:
+        out = out[..., None]
+    channels = out.shape[-1]
+    if channels in (2, 4):
+        out = out[..., : channels - 1]
+    if out.shape[-1] == 1:
+        out = np.repeat(out, 3, axis=-1)
+    return np.ascontiguousarray(out)
+
+
+def write_labels(path: str | Path, labels: np.ndarray, *, palette: list[list[int]] | None = None) -> Path:
+    """Write a class map atomically: ``.tif``/``.tiff`` (zlib, uint8 or uint16) or palette ``.png``.
+
+    A palette PNG holds at most 256 classes; ``palette`` gives RGB triples per class.
+    """
+    path = Path(path)
+    labels = labels_from_array(labels, path)
+    suffix = path.suffix.lower()
+    if suffix in (".tif", ".tiff"):
+        with atomic_path(path) as tmp:
+            tifffile.imwrite(tmp, labels, compression="zlib", photometric="minisblack")
+    elif suffix == ".png":
+        if labels.max() > 255:
+            raise FineMaskError("a palette PNG holds class ids up to 255; save as .tif instead", path)
+        img = Image.fromarray(labels.astype(np.uint8), mode="P")
+        img.putpalette(_palette_bytes(palette))
+        with atomic_path(path) as tmp:
+            img.save(tmp, format="PNG")
+    else:
+        raise FineMaskError(f"unsupported label file type {suffix!r} (use .tif or .png)", path)
+    return path
+
+
+def write_image(path: str | Path, image: np.ndarray) -> Path:
+    """Write an image atomically: PNG/JPEG for uint8, TIFF (zlib) for other dtypes."""
+    path = Path(path)
+    arr = np.asarray(image)
+    suffix = path.suffix.lower()
+    if suffix in (".tif", ".tiff"):
+        with atomic_path(path) as tmp:
+            tifffile.imwrite(tmp, arr, compression="zlib")
+    elif suffix in (".png", ".jpg", ".jpeg"):
+        if arr.dtype != np.uint8:
+            arr = (np.clip(image_from_array(arr, path), 0, 1) * 255 + 0.5).astype(np.uint8)
+        with atomic_path(path) as tmp:
+            Image.fromarray(arr).save(tmp, format="PNG" if suffix == ".png" else "JPEG", quality=95)
+    else:
+        raise FineMaskError(f"unsupported image file type {suffix!r}", path)
+    return path
+
+
+def default_palette(n: int = 256) -> list[list[int]]:
+    """A fixed, well-separated colour per class (class 0 black)."""
+    rng = np.random.default_rng(12345)
+    colours = rng.integers(40, 256, size=(n, 3))
+    colours[0] = 0
+    return colours.tolist()
+
+
+# --- internals -------------------------------------------------------------------------------
+
+
+def _palette_bytes(palette: list[list[int]] | None) -> list[int]:
+    pal = [list(map(int, c[:3])) for c in (palette or [])]
+    pal += default_palette(256)[len(pal):]
+    return [v for c in pal[:256] for v in c]
+
+
+def _check_file(path: Path, suffixes: tuple[str, ...]) -> None:
+    if not path.exists():
+        raise FineMaskError("file not found", path)
+    if not path.is_file():
+        raise FineMaskError("not a file", path)
+    if path.stat().st_size == 0:
+        raise FineMaskError("file is empty (0 bytes)", path)
+    if path.suffix.lower() not in suffixes:
+        raise FineMaskError(f"unsupported file type {path.suffix!r} (supported: {', '.join(suffixes)})", path)
+
+
+def _check_pixels(path: Path, shape: tuple[int, ...], max_pixels: int | None) -> None:
+    limit = max_pixels_limit(max_pixels)
+    dims = [int(d) for d in shape]
+    if any(d <= 0 for d in dims):
+        raise FineMaskError(f"image has zero size {tuple(dims)}", path)
+    # Height and width are the two largest dimensions (channels and pages are small).
+    h, w = sorted(dims)[-2:] if len(dims) >= 2 else (dims[0], 1)
+    if h * w > limit:
+        raise FineMaskError(f"image has {h * w:,} pixels, more than the limit of {limit:,}", path)
+
+
+def _read_array(path: Path, suffixes: tuple[str, ...], max_pixels: int | None, labels: bool = False) -> np.ndarray:
+    _check_file(path, suffixes)
+    if path.suffix.lower() in (".tif", ".tiff"):
+        return _read_tiff(path, max_pixels)
+    return _read_pil(path, max_pixels, labels)
+
+
+def _read_tiff(path: Path, max_pixels: int | None) -> np.ndarray:
+    try:
+        with tifffile.TiffFile(path) as tif:
+            if not tif.pages:
+                raise FineMaskError("TIFF holds no image", path)
+            if len(tif.series) > 1 or len(tif.pages) > 1:
+                warnings.warn(f"{path}: multi-page TIFF, using the first page only", stacklevel=3)
+            page = tif.pages[0]
+            _check_pixels(path, page.shape, max_pixels)
+            return page.asarray()
+    except FineMaskError:
+        raise
+    except Exception as exc:  # tifffile raises many types for corrupt files
+        raise FineMaskError(f"cannot read TIFF: corrupt or truncated file ({exc})", path) from None
+
+
+def _read_pil(path: Path, max_pixels: int | None, labels: bool) -> np.ndarray:
+    try:
+        with Image.open(path) as img:
+            _check_pixels(path, (img.height, img.width), max_pixels)
+            if getattr(img, "n_frames", 1) > 1:
+                warnings.warn(f"{path}: multi-frame image, using the first frame only", stacklevel=3)
+            img.load()
+            if labels:
+                if img.mode not in ("P", "L", "I;16", "I", "1"):
+                    raise FineMaskError(
+                        f"label PNG must be a palette or gray image of class ids, found mode {img.mode}", path
+                    )
+                return np.asarray(img)
+            if img.mode in ("P", "CMYK", "YCbCr", "LAB", "HSV"):
+                img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+            elif img.mode == "I;16" or img.mode.startswith("I;16"):
+                return np.asarray(img).astype(np.uint16)
+            elif img.mode in ("I", "F"):
+                raise FineMaskError(f"unsupported PNG pixel mode {img.mode}", path)
+            return np.asarray(img)
+    except FineMaskError:
+        raise
+    except UnidentifiedImageError:
+        raise FineMaskError("not a readable image: unknown format or wrong file extension", path) from None
+    except Exception as exc:  # Pillow raises OSError/SyntaxError/ValueError for damaged files
+        raise FineMaskError(f"cannot decode image: corrupt or truncated file ({exc})", path) from None

@@ -1,0 +1,161 @@
+"""Inference with a DSRL segmenter: downscale, predict at 2x, resize to the full size."""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoints import ModelCard, load_checkpoint
+from .errors import FineMaskError
+from .io import image_from_array, read_image
+from .preprocess import fit_longer_side, normalize, pad_to_multiple, resize, to_tensor, upsample_rows
+
+ProgressFn = Callable[[int, int, str], None]
+#: Rows of the full-size result computed at once when upsampling probabilities.
+STRIP_ROWS = 256
+
+
+@dataclass
+class SegResult:
+    """A segmentation at the full input size.
+
+    labels: (H, W) class indices (uint8, or uint16 beyond 255 classes).
+    probs: (C, H, W) float16 class probabilities.
+    working_size: (h, w) the image was resized to before the model (which predicted at 2x).
+    """
+
+    labels: np.ndarray
+    probs: np.ndarray
+    working_size: tuple[int, int]
+
+    @property
+    def uncertainty(self) -> np.ndarray:
+        """(H, W) float32: 1 - max class probability; high where correction is likely needed."""
+        return 1.0 - self.probs.max(axis=0).astype(np.float32)
+
+
+class Segmenter:
+    """A DSRL segmentation model ready for inference (no SISR branch is built)."""
+
+    def __init__(self, model: torch.nn.Module, card: ModelCard, device: str | torch.device | None = None):
+        self.card = card
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = model.eval().to(self.device)
+        if self.device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        size = card.input_size or [480, 360]
+        self.working_size = int(max(size))
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path = "camvid", device: str | None = None) -> "Segmenter":
+        """Load a shipped model by name (``"camvid"``, ``"idrid"``) or a checkpoint folder."""
+        from .models import SegmenterConfig, create_model
+
+        state, card = load_checkpoint(name_or_path)
+        if card.task != "segmentation":
+            raise FineMaskError(f"model is a {card.task} model, not a segmentation model", Path(str(name_or_path)))
+        try:
+            config = SegmenterConfig(**card.config)
+            model = create_model(config, inference=True)
+        except (TypeError, ValueError) as exc:
+            raise FineMaskError(f"model card's config does not describe a DSRL model ({exc})", Path(str(name_or_path))) from None
+        load_inference_state(model, state, name_or_path)
+        return cls(model, card, device)
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.card.classes)
+
+    @property
+    def palette(self) -> list[list[int]]:
+        return [list(c) for c in self.card.palette]
+
+    def predict(
+        self, image: np.ndarray | str | Path, working_size: int | None = None
+    ) -> SegResult:
+        """Segment one image (array of any supported layout, or a file path)."""
+        return self.predict_batch([image], working_size)[0]
+
+    def predict_batch(
+        self,
+        images: Sequence[np.ndarray | str | Path],
+        working_size: int | None = None,
+        on_progress: ProgressFn | None = None,
+        cancel: Callable[[], bool] | None = None,
+    ) -> list[SegResult]:
+        """Segment several images; images that share a working shape run as one batch."""
+        longer = int(working_size or self.working_size)
+        if longer < 8:
+            raise FineMaskError(f"working size {longer} is too small (at least 8 pixels)")
+        arrays = [read_image(im) if isinstance(im, (str, Path)) else image_from_array(im) for im in images]
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, arr in enumerate(arrays):
+            groups.setdefault(fit_longer_side(*arr.shape[:2], longer), []).append(i)
+        results: list[SegResult | None] = [None] * len(arrays)
+        done = 0
+        for shape, idx in groups.items():
+            if cancel is not None and cancel():
+                raise InterruptedError("segmentation cancelled")
+            batch = torch.stack([resize(to_tensor(arrays[i])[None], shape)[0] for i in idx])
+            low = self._logits(batch).softmax(dim=1).float().cpu()
+            for j, i in enumerate(idx):
+                results[i] = _full_size_result(low[j], arrays[i].shape[:2], shape)
+            done += len(idx)
+            if on_progress is not None:
+                on_progress(done, len(arrays), "segmented")
+        return results  # type: ignore[return-value]
+
+    @torch.inference_mode()
+    def _logits(self, batch: torch.Tensor) -> torch.Tensor:
+        """(B, 3, h, w) in [0, 1] -> logits (B, C, 2h, 2w)."""
+        x, (h, w) = pad_to_multiple(normalize(batch), getattr(self.model, "pad_multiple", 32))
+        x = x.to(self.device)
+        autocast = contextlib.nullcontext()
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+            autocast = torch.autocast("cuda", dtype=torch.bfloat16)
+        with autocast:
+            logits = self.model(x)
+        return logits[:, :, : 2 * h, : 2 * w]
+
+
+def load_inference_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: object) -> None:
+    """Load the inference part of a (possibly training) state dict, with clear errors."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or wrong:
+        detail = "; ".join(
+            part
+            for part in (
+                f"missing tensors: {', '.join(missing[:5])}" if missing else "",
+                f"shape mismatch: {', '.join(f'{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}' for k in wrong[:5])}"
+                if wrong
+                else "",
+            )
+            if part
+        )
+        raise FineMaskError(f"weights do not match the model described by the card ({detail})", Path(str(source)))
+    model.load_state_dict({k: state[k] for k in own})
+
+
+def _full_size_result(low_probs: torch.Tensor, full: tuple[int, int], working: tuple[int, int]) -> SegResult:
+    """Upsample (C, h, w) probabilities to ``full`` in row strips; labels from the argmax."""
+    H, W = full
+    C = low_probs.shape[0]
+    probs = np.empty((C, H, W), dtype=np.float16)
+    labels = np.empty((H, W), dtype=np.uint8 if C <= 256 else np.uint16)
+    same = tuple(low_probs.shape[-2:]) == (H, W)
+    for r0 in range(0, H, STRIP_ROWS):
+        r1 = min(H, r0 + STRIP_ROWS)
+        strip = low_probs[:, r0:r1] if same else upsample_rows(low_probs, (H, W), r0, r1)
+        probs[:, r0:r1] = strip.numpy().astype(np.float16)
+        labels[r0:r1] = strip.argmax(dim=0).numpy()
+    return SegResult(labels=labels, probs=probs, working_size=working)
+
+
+__all__ = ["SegResult", "Segmenter", "load_inference_state"]
