@@ -29,6 +29,7 @@ import hashlib
 import json
 import os
 import re
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -157,6 +158,7 @@ class Store:
         self._problems: list[StoreProblem] = []
         self._bad_pairs: dict[str, str] = {}
         self._hash_cache: dict[Path, tuple[int, int, str]] = {}
+        self._state_lock = threading.RLock()  # one Store may be shared by a UI's threads
 
     # --- opening ---------------------------------------------------------------------------
 
@@ -490,13 +492,14 @@ class Store:
         except FileNotFoundError:
             raise FineMaskError(f"not a FineMask annotation store (no {MANIFEST})", self.root) from None
         key = (st.st_ino, st.st_mtime_ns, st.st_size)
-        if not force and key == self._manifest_key:
-            return
-        self._manifest = self._read_manifest()
-        self._manifest_key = key
-        self._check_files(full)
+        with self._state_lock:
+            if not force and key == self._manifest_key:
+                return
+            manifest = self._read_manifest()
+            self._check_files(manifest, full)
+            self._manifest, self._manifest_key = manifest, key
 
-    def _check_files(self, full: bool) -> None:
+    def _check_files(self, manifest: dict[str, Any], full: bool) -> None:
         problems: list[StoreProblem] = []
         bad: dict[str, str] = {}
         referenced: set[Path] = set()
@@ -506,7 +509,7 @@ class Store:
             if not usable_if_bad:
                 bad.setdefault(pair_id, f"{path}: {message}")
 
-        for rec in self._manifest["pairs"]:
+        for rec in manifest["pairs"]:
             rid = rec["id"]
             files = [(rec["image"], rec["image_sha256"], rec["image_bytes"], full, False)]
             files.append((rec["labels"], rec["labels_sha256"], rec.get("labels_bytes"), True, False))
