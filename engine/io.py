@@ -42,6 +42,31 @@ def read_image(path: str | Path, *, max_pixels: int | None = None) -> np.ndarray
     return image_from_array(_read_array(path, IMAGE_SUFFIXES, max_pixels), path)
 
 
+def image_shape(path: str | Path, *, max_pixels: int | None = None) -> tuple[int, int]:
+    """(H, W) of an image file from its header alone, with the same checks as :func:`read_image`."""
+    path = Path(path)
+    _check_file(path, IMAGE_SUFFIXES)
+    try:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            with tifffile.TiffFile(path) as tif:
+                if not tif.pages:
+                    raise FineMaskError("TIFF holds no image", path)
+                shape = tuple(tif.pages[0].shape)
+                if len(shape) == 3 and shape[0] in (1, 2, 3, 4) and shape[-1] not in (1, 2, 3, 4):
+                    shape = shape[1:]
+        else:
+            with Image.open(path) as img:
+                shape = (img.height, img.width)
+    except FineMaskError:
+        raise
+    except UnidentifiedImageError:
+        raise FineMaskError("not a readable image: unknown format or wrong file extension", path) from None
+    except Exception as exc:
+        raise FineMaskError(f"cannot read image header: corrupt or truncated file ({exc})", path) from None
+    _check_pixels(path, shape, max_pixels)
+    return int(shape[0]), int(shape[1])
+
+
 def read_labels(
     path: str | Path, *, shape: tuple[int, int] | None = None, max_pixels: int | None = None
 ) -> np.ndarray:

@@ -123,8 +123,8 @@ def assign_split(image_sha256: str, existing: Iterable[dict[str, Any]], fraction
     pairs never moves existing ones):
 
     1. an image already in the store gets the split of that pair (no image in both splits);
-    2. else the pair goes to validation when its score, the first 64 bits of the image SHA-256
-       read as a fraction of 2**64, is below ``fraction`` (stable: same image, same split);
+    2. else the pair goes to validation when its :func:`split_score` (the leading bits of the image
+       SHA-256 read as a fraction in [0, 1)) is below ``fraction`` (stable: same image, same split);
     3. else, if the store will hold ``MIN_PAIRS_FOR_VALIDATION`` or more pairs and none is in
        validation yet, the pair goes to validation (so a store of 5 has at least one; this pair
        only is order-dependent, and rule 1 may postpone it when that pair repeats a train image);
@@ -142,8 +142,8 @@ def assign_split(image_sha256: str, existing: Iterable[dict[str, Any]], fraction
 
 
 def split_score(sha256_hex: str) -> float:
-    """A number in [0, 1) fixed by a SHA-256 hex digest (its first 64 bits)."""
-    return int(sha256_hex[:16], 16) / 2.0**64
+    """A number in [0, 1) fixed by a SHA-256 hex digest (its first 53 bits, exact in a float)."""
+    return (int(sha256_hex[:16], 16) >> 11) / 2.0**53
 
 
 class Store:
@@ -181,7 +181,9 @@ class Store:
         if root.exists() and not root.is_dir():
             raise FineMaskError("an annotation store must be a folder, this is a file", root)
         store = cls(root, lock_timeout=lock_timeout)
-        if history_limit is not None and (int(history_limit) != history_limit or history_limit < 0):
+        if history_limit is not None and (
+            not isinstance(history_limit, int) or isinstance(history_limit, bool) or history_limit < 0
+        ):
             raise FineMaskError(f"history_limit must be a whole number >= 0, got {history_limit!r}", root)
         if not store.manifest_path.exists():
             if not create:
@@ -504,9 +506,9 @@ class Store:
         bad: dict[str, str] = {}
         referenced: set[Path] = set()
 
-        def report(kind: str, path: Path, message: str, pair_id: str, usable_if_bad: bool) -> None:
+        def report(kind: str, path: Path, message: str, pair_id: str, pair_still_usable: bool) -> None:
             problems.append(StoreProblem(kind, path, message, pair_id))
-            if not usable_if_bad:
+            if not pair_still_usable:
                 bad.setdefault(pair_id, f"{path}: {message}")
 
         for rec in manifest["pairs"]:
@@ -529,7 +531,8 @@ class Store:
                     report("altered", path, f"{what} of pair {rid!r} does not match its SHA-256", rid, earlier)
         for path in self._stray_files():
             if path not in referenced:
-                problems.append(StoreProblem("orphan", path, "not in the manifest (left by an interrupted write); ignored"))
+                message = "not in the manifest (left by an interrupted write); ignored"
+                problems.append(StoreProblem("orphan", path, message))
         self._problems = problems
         self._bad_pairs = bad
 

@@ -66,7 +66,7 @@ def perturb_mask(
         raise ValueError(f"gt must be a 2-D mask, got shape {gt.shape}")
     low, high = cfg.iou_range
     target = float(rng.uniform(low, high)) if target_iou is None else float(target_iou)
-    if min(gt.shape) <= 2:  # as the reference: too small to perturb
+    if min(gt.shape) <= 2 or not gt.any():  # as the reference: too small; or nothing to perturb
         return gt.copy()
     seg = resample_contours(gt, rng, cfg)
     if seg is None or mask_iou(seg, gt) < low:

@@ -14,8 +14,8 @@ Two-writer mode::
 
     python store_crash_writer.py STORE hammer NAME N GO_FILE
 
-waits until GO_FILE exists, then N times adds a pair ``NAME-i`` and updates the pair ``shared``
-with model_version ``NAME-i``.
+says it is ready (touches GO_FILE.NAME.ready), waits until GO_FILE exists, then N times adds
+a pair ``NAME-i`` and updates the pair ``shared`` with model_version ``NAME-i``.
 """
 from __future__ import annotations
 
@@ -97,6 +97,7 @@ def hammer_mode(root: Path, name: str, n: int, go_file: Path) -> None:
     store = Store.open(root, create=False, lock_timeout=30)
     shape = store.get("shared").shape
     rng = np.random.default_rng(zlib.crc32(name.encode()))
+    Path(f"{go_file}.{name}.ready").touch()
     deadline = time.monotonic() + 20
     while not go_file.exists() and time.monotonic() < deadline:
         time.sleep(0.005)

@@ -11,7 +11,7 @@ import tifffile
 from PIL import Image
 
 from engine.errors import FineMaskError
-from engine.io import image_from_array, read_image, read_labels, write_image, write_labels
+from engine.io import image_from_array, image_shape, read_image, read_labels, write_image, write_labels
 
 RNG = np.random.default_rng(0)
 
@@ -172,3 +172,12 @@ def test_write_image_round_trip(tmp_path):
         warnings.simplefilter("error")
         out = read_image(write_image(tmp_path / "a.tif", g16))
     np.testing.assert_allclose(out[..., 2], g16 / 65535, atol=1e-6)
+
+
+def test_image_shape_from_header(tmp_path):
+    Image.fromarray(_rgb8(30, 40)).save(tmp_path / "a.png")
+    tifffile.imwrite(tmp_path / "b.tif", np.zeros((3, 20, 50), np.uint16), photometric="rgb", planarconfig="separate")
+    assert image_shape(tmp_path / "a.png") == (30, 40)
+    assert image_shape(tmp_path / "b.tif") == (20, 50)
+    with pytest.raises(FineMaskError, match="limit"):
+        image_shape(tmp_path / "a.png", max_pixels=100)

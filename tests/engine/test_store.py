@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -327,6 +328,13 @@ def _state(root: Path) -> tuple:
     return tuple(rows)
 
 
+def _referenced_files(store: Store) -> set[Path]:
+    files = set()
+    for rec in store.pairs():
+        files |= {rec.image_path, rec.labels_path} | {h.labels_path for h in store.history(rec.id)}
+    return files
+
+
 @pytest.mark.parametrize("op", ["add", "update", "undo"])
 def test_crash_at_every_write_step_leaves_old_or_new_state(tmp_path, op):
     template = tmp_path / "template"
@@ -353,11 +361,14 @@ def test_crash_at_every_write_step_leaves_old_or_new_state(tmp_path, op):
         seen.add("new" if state == new else "old")
         store = Store.open(root, lock_timeout=5)  # the dead writer's lock is gone
         assert all(p.kind == "orphan" for p in store.problems), store.problems
-        store.clean()
+        orphans = store.clean()
+        seen.add("orphans" if orphans else "clean")
         assert store.check(full=True) == []
+        on_disk = {p for p in root.rglob("*") if p.is_file()} - {root / "manifest.json", root / ".lock"}
+        assert on_disk == _referenced_files(store)  # clean() found every leftover, temporaries included
         store.update("b", rand_labels(42))  # still writable
         assert Store.open(root).history("b")[0].origin == "refined"
-    assert seen == {"old", "new"}  # crash points on both sides of the manifest rename
+    assert {"old", "new", "orphans"} <= seen  # crash points on both sides of the manifest rename
 
 
 # --- two writers -------------------------------------------------------------------------------
@@ -365,7 +376,7 @@ def test_crash_at_every_write_step_leaves_old_or_new_state(tmp_path, op):
 
 def test_two_writers_lose_no_update(tmp_path):
     root = tmp_path / "s"
-    n = 8
+    n = 12
     store = Store.open(root, history_limit=2 * n + 1)
     store.add(rand_image(0), rand_labels(0), "predicted", name="shared")
     go = tmp_path / "go"
@@ -375,7 +386,10 @@ def test_two_writers_lose_no_update(tmp_path):
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         for name in ("w1", "w2")
     ]
-    go.touch()
+    deadline = time.monotonic() + 30
+    while not all(Path(f"{go}.{w}.ready").exists() for w in ("w1", "w2")) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    go.touch()  # both start writing at once
     for p in procs:
         out, err = p.communicate(timeout=60)
         assert p.returncode == 0, err
@@ -403,3 +417,18 @@ def test_lock_timeout_is_a_clear_error(tmp_path):
     assert err.value.path == root / ".lock"
     assert (root / "manifest.json").read_bytes() == before
     assert store.add(rand_image(0), rand_labels(0), "predicted") == "pair"  # released again
+
+
+def test_file_lock_excludes_other_holders_and_reenters(tmp_path):
+    path = tmp_path / "x.lock"
+    first, second = FileLock(path, timeout=0.1), FileLock(path, timeout=0.1)
+    with first:
+        with first:  # the holder may re-enter
+            assert first.held
+        assert first.held
+        with pytest.raises(FineMaskError) as err:
+            second.acquire()
+        assert err.value.path == path and not second.held
+    assert not first.held
+    with second:  # free again once the holder left
+        assert second.held

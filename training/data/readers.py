@@ -7,13 +7,14 @@ the image and one bool mask per class present, which the refinement crops use.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from engine.errors import FineMaskError
-from engine.io import IMAGE_SUFFIXES, LABEL_SUFFIXES, read_image, read_labels
+from engine.io import IMAGE_SUFFIXES, LABEL_SUFFIXES, default_palette, read_image, read_labels
+from training.augment import resize_image, resize_labels
 
 
 class SegmentationDataset:
@@ -125,8 +126,8 @@ class FolderDataset(_PairedLabels):
     """``root/images/*`` paired with ``root/labels/*`` by file stem (the annotation store layout).
 
     ``label_dir=None`` takes ``labels/`` or, failing that, ``masks/`` (Dubai). Images without a
-    label (not annotated yet) and labels without an image are left out; ``stems`` restricts the
-    pairs to a split.
+    label (not annotated yet) and labels without an image are left out; ``include(stem)``
+    selects the pairs of a split.
     """
 
     def __init__(
@@ -139,7 +140,7 @@ class FolderDataset(_PairedLabels):
         palette: Sequence[Sequence[int]] | None = None,
         ignore_index: int = 255,
         value_map: Mapping[int, int] | None = None,
-        stems: Sequence[str] | None = None,
+        include: Callable[[str], bool] | None = None,
         name: str | None = None,
     ):
         root = Path(root)
@@ -147,12 +148,7 @@ class FolderDataset(_PairedLabels):
             label_dir = next((d for d in ("labels", "masks") if (root / d).is_dir()), "labels")
         images = _files_by_stem(root / image_dir, IMAGE_SUFFIXES)
         labels = _files_by_stem(root / label_dir, LABEL_SUFFIXES)
-        common = sorted(set(images) & set(labels))
-        if stems is not None:
-            missing = sorted(set(stems) - set(common))
-            if missing:
-                raise FineMaskError(f"no image/label pair for {missing[:5]}", root)
-            common = [s for s in common if s in set(stems)]
+        common = [s for s in sorted(set(images) & set(labels)) if include is None or include(s)]
         super().__init__(
             name or root.name,
             [images[s] for s in common],
@@ -172,6 +168,7 @@ class MaskFolderDataset(SegmentationDataset):
     (0/1 files). A missing file means the class is absent from that image. The index map has
     background 0 and class ``i + 1`` for the i-th entry of ``class_dirs``; where masks overlap,
     the class listed first in ``precedence`` wins (default: the order of ``class_dirs``).
+    ``include(stem)`` selects the images of a split.
     """
 
     def __init__(
@@ -184,7 +181,7 @@ class MaskFolderDataset(SegmentationDataset):
         background: str = "background",
         palette: Sequence[Sequence[int]] | None = None,
         ignore_index: int = 255,
-        stems: Sequence[str] | None = None,
+        include: Callable[[str], bool] | None = None,
         name: str | None = None,
     ):
         root = Path(root)
@@ -197,12 +194,7 @@ class MaskFolderDataset(SegmentationDataset):
         if sorted(self.precedence) != sorted(class_dirs):
             raise ValueError("precedence must list every class of class_dirs once")
         self._masks = {c: _files_by_stem(f, LABEL_SUFFIXES) for c, f in self.class_dirs.items()}
-        keep = sorted(images)
-        if stems is not None:
-            missing = sorted(set(stems) - set(keep))
-            if missing:
-                raise FineMaskError(f"no image for {missing[:5]}", root / image_dir)
-            keep = [s for s in keep if s in set(stems)]
+        keep = [s for s in sorted(images) if include is None or include(s)]
         super().__init__(name or root.name, [images[s] for s in keep], [background, *class_dirs], palette, ignore_index)
 
     def mask_path(self, index: int, cls: str) -> Path | None:
@@ -243,10 +235,47 @@ class MaskFolderDataset(SegmentationDataset):
         return labels
 
 
+class CachedDataset(SegmentationDataset):
+    """Keeps the items of ``base`` in memory (uint8 images), optionally rescaled by ``scale``.
+
+    For datasets whose files are slow to decode (IDRiD's 4K images: ~1 s per item). Items are
+    cached on first access; :meth:`preload` fills the cache up front (do it before DataLoader
+    workers fork, so they share it). Labels are resized nearest-neighbour, images anti-aliased.
+    """
+
+    def __init__(self, base: SegmentationDataset, scale: float = 1.0):
+        super().__init__(base.name, base.image_paths, base.classes, base.palette, base.ignore_index)
+        self.base, self.scale = base, float(scale)
+        self._items: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def _item(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        if index not in self._items:
+            image, labels = self.base[index]
+            if self.scale != 1.0:
+                shape = (max(1, round(labels.shape[0] * self.scale)), max(1, round(labels.shape[1] * self.scale)))
+                image, labels = resize_image(image, shape), resize_labels(labels, shape)
+            self._items[index] = (np.round(image * 255.0).astype(np.uint8), labels)
+        return self._items[index]
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        image, labels = self._item(index)
+        return image.astype(np.float32) / 255.0, labels.copy()
+
+    def load_labels(self, index: int, shape: tuple[int, int] | None = None) -> np.ndarray:
+        return self._item(index)[1].copy()
+
+    def preload(self, on_progress=None, cancel=None) -> None:
+        """Decode every item now; ``on_progress(done, total, message)``, ``cancel() -> bool``."""
+        for i in range(len(self)):
+            if cancel is not None and cancel():
+                return
+            self._item(i)
+            if on_progress is not None:
+                on_progress(i + 1, len(self), f"loaded {self.stem(i)}")
+
+
 def default_colours(n: int) -> list[list[int]]:
     """Fallback palette: class 0 black, then well-separated colours."""
-    from engine.io import default_palette
-
     return default_palette(max(n, 1))[:n]
 
 

@@ -101,36 +101,28 @@ def _camvid_palette(root: Path) -> list[list[int]]:
 
 
 def _dubai(root: Path, split: str) -> SegmentationDataset:
-    stems = None
-    if split != "all":
-        all_stems = [p.stem for p in sorted((root / "images").iterdir()) if p.is_file()]
-        is_val = [re.search(rf"_part_{DUBAI_VAL_PART}$", s) is not None for s in all_stems]
-        stems = [s for s, v in zip(all_stems, is_val) if v == (split == "val")]
     return FolderDataset(
-        root, DUBAI_CLASSES, palette=DUBAI_PALETTE, ignore_index=255, stems=stems, name=f"dubai-{split}"
+        root,
+        DUBAI_CLASSES,
+        palette=DUBAI_PALETTE,
+        ignore_index=255,
+        include=_split_filter(split, lambda stem: stem.endswith(f"_part_{DUBAI_VAL_PART}")),
+        name=f"dubai-{split}",
     )
 
 
 def _idrid(root: Path, split: str) -> SegmentationDataset:
-    stems = None
-    if split != "all":
-        all_stems = [p.stem for p in sorted((root / "images").iterdir()) if p.is_file()]
-        stems = [s for s in all_stems if (_number(s) in IDRID_VAL) == (split == "val")]
     return MaskFolderDataset(
         root,
         {c: f"masks_{c}" for c in IDRID_CLASSES},
         precedence=IDRID_PRECEDENCE,
         palette=IDRID_PALETTE,
-        stems=stems,
+        include=_split_filter(split, lambda stem: _number(stem) in IDRID_VAL),
         name=f"idrid-{split}",
     )
 
 
 def _isbi2012(root: Path, split: str) -> SegmentationDataset:
-    stems = None
-    if split != "all":
-        all_stems = [p.stem for p in sorted((root / "image").iterdir()) if p.is_file()]
-        stems = [s for s in all_stems if (_number(s) in ISBI_VAL) == (split == "val")]
     return FolderDataset(
         root,
         ISBI_CLASSES,
@@ -138,9 +130,16 @@ def _isbi2012(root: Path, split: str) -> SegmentationDataset:
         label_dir="label",
         palette=[[0, 0, 0], [255, 255, 255]],
         value_map={255: 1},
-        stems=stems,
+        include=_split_filter(split, lambda stem: _number(stem) in ISBI_VAL),
         name=f"isbi2012-{split}",
     )
+
+
+def _split_filter(split: str, is_val: Callable[[str], bool]) -> Callable[[str], bool] | None:
+    """Stem predicate of a split: ``val`` keeps ``is_val`` stems, ``train`` the others."""
+    if split == "all":
+        return None
+    return lambda stem: is_val(stem) == (split == "val")
 
 
 def _number(stem: str) -> int:
