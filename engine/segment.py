@@ -12,7 +12,7 @@ import torch
 from .checkpoints import ModelCard, load_checkpoint
 from .errors import FineMaskError
 from .io import image_from_array, read_image
-from .preprocess import fit_longer_side, normalize, pad_to_multiple, resize, to_tensor, upsample_rows
+from .preprocess import fit_longer_side, pad_to_multiple, resize, to_tensor, upsample_rows
 
 ProgressFn = Callable[[int, int, str], None]
 #: Rows of the full-size result computed at once when upsampling probabilities.
@@ -111,8 +111,8 @@ class Segmenter:
 
     @torch.inference_mode()
     def _logits(self, batch: torch.Tensor) -> torch.Tensor:
-        """(B, 3, h, w) in [0, 1] -> logits (B, C, 2h, 2w)."""
-        x, (h, w) = pad_to_multiple(normalize(batch), getattr(self.model, "pad_multiple", 32))
+        """(B, 3, h, w) in [0, 1] -> logits (B, C, 2h, 2w); the model normalises its input itself."""
+        x, (h, w) = pad_to_multiple(batch, self.model.pad_multiple)
         x = x.to(self.device)
         autocast = contextlib.nullcontext()
         if self.device.type == "cuda":

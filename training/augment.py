@@ -3,6 +3,7 @@
 Images are float32 (H, W, 3) in [0, 1]; label maps are integer (H, W); masks are bool (H, W).
 Every random choice comes from the generator passed in, so a sample is reproducible from its seed.
 """
+
 from __future__ import annotations
 
 import numpy as np

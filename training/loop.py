@@ -90,6 +90,21 @@ class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
             yield [(epoch, i) for i in batch[self.rank :: self.world]]
 
 
+class EpochKeyed(Dataset):
+    """Adapts a dataset with ``set_epoch(e)`` and integer indices to ``(epoch, index)`` keys."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        epoch, index = key
+        self.dataset.set_epoch(epoch)
+        return self.dataset[index]
+
+
 def lr_factor(cfg: LoopConfig, step: int) -> float:
     """Multiplier of the base learning rate at ``step``."""
     warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
@@ -100,7 +115,7 @@ def lr_factor(cfg: LoopConfig, step: int) -> float:
     raise ValueError(f"unknown schedule {cfg.schedule!r} (poly or step)")
 
 
-def make_optimizer(params: list[torch.nn.Parameter], cfg: LoopConfig) -> torch.optim.Optimizer:
+def make_optimizer(params: list, cfg: LoopConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
@@ -115,7 +130,7 @@ def train_loop(
     cfg: LoopConfig,
     run_dir: str | Path,
     *,
-    params: list[torch.nn.Parameter] | None = None,
+    params: list[torch.nn.Parameter] | list[dict[str, Any]] | None = None,
     resume: bool = False,
     device: str | torch.device | None = None,
     collate_fn: Callable | None = None,
@@ -125,8 +140,8 @@ def train_loop(
 ) -> LoopResult:
     """Train ``model`` for ``cfg.steps`` global steps, saving ``run_dir/state`` every ``ckpt_every``.
 
-    ``dataset[(epoch, index)]`` returns one sample; ``params`` defaults to all parameters (pass
-    the model's own list when it must include every branch). Under DDP wrap nothing yourself:
+    ``dataset[(epoch, index)]`` returns one sample (see :class:`EpochKeyed`); ``params`` (a list
+    of parameters or of optimizer groups) defaults to all parameters. Under DDP wrap nothing yourself:
     the model is wrapped here. Returns where it stopped; ``finished`` is False after a cancel or
     when the time budget ran out.
     """
@@ -182,7 +197,7 @@ def train_loop(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         sched.step()
         step += 1

@@ -17,6 +17,7 @@ Semantics follow hkchengrex/CascadePSP ``util/boundary_modification.py`` and
   overshoot far below 0.8 on thin or small shapes; the issue asks for IoU in [0.8, 1].
 - Polygons with fewer than 3 kept points are dropped (OpenCV would draw a dot or a line).
 """
+
 from __future__ import annotations
 
 import math

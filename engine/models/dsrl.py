@@ -122,8 +122,6 @@ class DSRL(nn.Module):
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         init_weights(self)
-        if isinstance(self.decoder, DUpsamplingDecoder):
-            nn.init.ones_(self.decoder.temperature)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | DSRLOutput:
         """x: (B, 3, H, W) RGB in [0, 1], H and W multiples of ``pad_multiple``."""

@@ -63,7 +63,9 @@ class SubPixelUpsampler(nn.Sequential):
     stride, i.e. twice the network input size (``log2(2 * in_stride)`` stages).
 
     Stage ``i`` has ``max(8, channels >> i)`` output channels, so the costly full-resolution
-    stages stay narrow. ``out_channels`` is the width of the last stage.
+    stages stay narrow. Inputs wider than ``channels`` are first reduced by a 1x1 conv-BN-ReLU
+    (``reduce``), which makes the first 3x3 stage several times cheaper. ``out_channels`` is the
+    width of the last stage.
     """
 
     def __init__(self, in_channels: int, in_stride: int, channels: int):
@@ -73,6 +75,9 @@ class SubPixelUpsampler(nn.Sequential):
         if 2**stages != factor:
             raise ValueError(f"in_stride must be a power of two, got {in_stride}")
         width = in_channels
+        if in_channels > channels:
+            self.add_module("reduce", ConvBNAct(in_channels, channels, 1))
+            width = channels
         for i in range(stages):
             out = max(8, channels >> i)
             self.add_module(f"stage{i}", SubPixelStage(width, out))
@@ -81,7 +86,8 @@ class SubPixelUpsampler(nn.Sequential):
 
 
 def init_weights(module: nn.Module) -> None:
-    """He-normal convolutions (fan-out), BatchNorm to identity, zero biases."""
+    """He-normal convolutions (fan-out), BatchNorm to identity, zero biases; then each
+    submodule's own ``custom_init()`` where it defines one."""
     for m in module.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -90,6 +96,9 @@ def init_weights(module: nn.Module) -> None:
         elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+    for m in module.modules():
+        if callable(getattr(m, "custom_init", None)):
+            m.custom_init()
 
 
 def check_divisible(x: torch.Tensor, multiple: int, what: str = "input") -> None:

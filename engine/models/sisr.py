@@ -23,6 +23,14 @@ class ChannelAttention(nn.Module):
         hidden = max(1, channels // reduction)
         self.down = nn.Conv2d(channels, hidden, 1, bias=True)
         self.up = nn.Conv2d(hidden, channels, 1, bias=True)
+        self.custom_init()
+
+    def custom_init(self) -> None:
+        """Start with every hidden unit active (small weights, bias 1): with few hidden units
+        (C // 16) a He-initialised ReLU bottleneck is often dead for all inputs (its inputs
+        are non-negative pooled activations), and a dead gate never receives a gradient."""
+        nn.init.normal_(self.down.weight, std=0.01)
+        nn.init.ones_(self.down.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = x.mean(dim=(2, 3), keepdim=True)

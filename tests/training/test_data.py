@@ -1,4 +1,5 @@
 """Dataset readers, the registry, DSRL pairs and refinement crops on small fixtures made here."""
+
 from __future__ import annotations
 
 import os
@@ -148,7 +149,9 @@ def test_folder_reader_matches_by_stem(dubai_like):
     image, labels = ds[0]
     assert image.shape == (H, W, 3)
     assert set(np.unique(labels)) == {0, 1, 2, 3, 4, 5, 255}
-    sub = FolderDataset(dubai_like, [f"c{i}" for i in range(6)], include=lambda s: s == "tile2_image_part_002")
+    sub = FolderDataset(
+        dubai_like, [f"c{i}" for i in range(6)], include=lambda s: s == "tile2_image_part_002"
+    )
     assert len(sub) == 1 and np.array_equal(sub[0][1], _labels(2, [0, 1, 2, 3, 4, 5, 255]))
 
 
@@ -188,7 +191,10 @@ def test_mask_folder_reader_precedence_and_missing_class(idrid_like):
 
 
 def test_registry_camvid_splits_and_palette(camvid_like):
-    train, val = load_dataset("camvid", "train", root=camvid_like), load_dataset("camvid", "val", root=camvid_like)
+    train, val = (
+        load_dataset("camvid", "train", root=camvid_like),
+        load_dataset("camvid", "val", root=camvid_like),
+    )
     assert (len(train), len(val), len(load_dataset("camvid", "all", root=camvid_like))) == (3, 2, 5)
     assert train.classes[0] == "Sky" and len(train.classes) == 11
     assert train.palette == (np.arange(33).reshape(11, 3) * 7).tolist()  # read from palette11.png
@@ -233,7 +239,7 @@ def test_dsrl_pair_shapes_and_lr_derivation(tmp_path):
 def test_dsrl_pairs_deterministic_per_seed_epoch_index(tmp_path):
     cfg = DSRLPairConfig(crop_size=(48, 64), seed=5)
     a, b = DSRLPairs(_base(tmp_path), cfg), DSRLPairs(FolderDataset(tmp_path, ["a", "b", "c"]), cfg)
-    for x, y in zip(a[1], b[1]):
+    for x, y in zip(a[1], b[1], strict=True):
         assert torch.equal(x, y)
     a.set_epoch(1)
     assert not torch.equal(a[1][1], b[1][1])  # another epoch, another sample
@@ -276,7 +282,7 @@ def test_cached_dataset_matches_base_and_rescales(tmp_path):
     base = _base(tmp_path)
     cached = CachedDataset(base)
     cached.preload()
-    for (ia, la), (ib, lb) in zip([cached[0], cached[1]], [base[0], base[1]]):
+    for (ia, la), (ib, lb) in zip([cached[0], cached[1]], [base[0], base[1]], strict=True):
         assert np.abs(ia - ib).max() <= 0.5 / 255 + 1e-6 and np.array_equal(la, lb)
     half = CachedDataset(base, scale=0.5)
     image, labels = half[0]
@@ -322,7 +328,7 @@ def test_refine_crops_deterministic_and_use_every_source(tmp_path, composite_sou
     a = RefineCrops([ClassMaskSource(_base(tmp_path)), composite_source], length=8)
     b = RefineCrops([ClassMaskSource(FolderDataset(tmp_path, ["a", "b", "c"])), composite_source], length=8)
     for i in (0, 5):
-        for x, y in zip(a[i], b[i]):
+        for x, y in zip(a[i], b[i], strict=True):
             assert torch.equal(x, y)
     a.set_epoch(3)
     assert not torch.equal(a[0][1], b[0][1])
@@ -343,11 +349,15 @@ def test_composite_blends_two_pictures_with_the_matte(composite_source):
     assert image.min() >= 0 and image.max() <= 1
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not Path(os.environ.get("FINEMASK_DATA", "/work/shared/data"), "camvid").is_dir(), reason="no data")
+@pytest.mark.skipif(
+    not Path(os.environ.get("FINEMASK_DATA", "/work/shared/data"), "camvid").is_dir(), reason="no data"
+)
 def test_real_camvid_registry():
     root = Path(os.environ.get("FINEMASK_DATA", "/work/shared/data"))
-    train, val = load_dataset("camvid", "train", root=root / "camvid"), load_dataset("camvid", "val", root=root / "camvid")
+    train, val = (
+        load_dataset("camvid", "train", root=root / "camvid"),
+        load_dataset("camvid", "val", root=root / "camvid"),
+    )
     assert (len(train), len(val)) == (367, 101)
     assert train.palette[0] == [128, 128, 128] and train.palette[10] == [0, 128, 192]
     lr, hr, label = DSRLPairs(val, train=False)[0]

@@ -1,4 +1,5 @@
 """Coarse-mask perturbation: IoU lands in the target range, contours refill exactly, determinism."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -29,7 +30,15 @@ def _shapes() -> dict[str, np.ndarray]:
     lines[::12] = True  # thin structures: resampling alone destroys them
     blocks = np.kron(np.random.default_rng(7).random((12, 12)) > 0.5, np.ones((8, 8), bool))
     tiny = _disk(3, (20, 70))
-    return {"disk": _disk(), "ring": ring, "half": half, "star": star, "lines": lines, "blocks": blocks, "tiny": tiny}
+    return {
+        "disk": _disk(),
+        "ring": ring,
+        "half": half,
+        "star": star,
+        "lines": lines,
+        "blocks": blocks,
+        "tiny": tiny,
+    }
 
 
 @pytest.mark.parametrize("name", list(_shapes()))

@@ -7,6 +7,7 @@
 - :class:`RefineCrops` / :func:`build_refine_crops` give ``(image, gt, coarse)`` 224 x 224 crops
   for the CascadePSP refiner.
 """
+
 from .dsrl_pairs import DSRLPairConfig, DSRLPairs
 from .readers import CachedDataset, FolderDataset, ListFileDataset, MaskFolderDataset, SegmentationDataset
 from .refine_crops import (

