@@ -12,6 +12,7 @@ COMMANDS = {
     "segment": "app.commands.segment",
     "refine": "app.commands.refine",
     "demo": "app.commands.demo",
+    "train": "app.commands.train",
 }
 
 

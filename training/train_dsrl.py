@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from training.data.dsrl_pairs import DSRLPairConfig, DSRLPairs
 from training.data.readers import CachedDataset, SegmentationDataset
 from training.data.registry import load_dataset
 from training.losses import dsrl_loss
-from training.loop import EpochKeyed, LoopConfig, LoopResult, ProgressFn, train_loop
+from training.loop import EpochKeyed, LoopConfig, LoopResult, ProgressFn, _is_main, train_loop
 
 #: Where each dataset's terms are stated, for model cards.
 DATA_TERMS = {
@@ -98,6 +99,7 @@ def train_dsrl(
         base = CachedDataset(base, cfg.data_scale)
         base.preload()
     model = build_model(cfg, base)
+    save_train_config(cfg, run_dir)
     pairs = DSRLPairs(base, DSRLPairConfig(crop_size=tuple(cfg.crop), scale_range=tuple(cfg.scale_range),
                                            pad_multiple=model.pad_multiple, seed=cfg.loop.seed))
     params = model.param_groups(cfg.loop.lr, weight_decay=cfg.loop.weight_decay)
@@ -106,6 +108,21 @@ def train_dsrl(
         params=params, resume=resume, on_progress=on_progress, cancel=cancel,
     )
     return model, result
+
+
+def save_train_config(cfg: DSRLTrainConfig, run_dir: str | Path) -> None:
+    """``run_dir/train_config.json``: what the run trains, for resume, evaluation and export."""
+    from engine.atomic import atomic_write_text
+
+    if _is_main():
+        atomic_write_text(Path(run_dir) / "train_config.json", json.dumps(asdict(cfg), indent=2))
+
+
+def load_train_config(run_dir: str | Path) -> DSRLTrainConfig:
+    data = json.loads((Path(run_dir) / "train_config.json").read_text())
+    data["loop"] = LoopConfig(**data["loop"])
+    data["crop"], data["scale_range"] = tuple(data["crop"]), tuple(data["scale_range"])
+    return DSRLTrainConfig(**data)
 
 
 def export_segmenter(

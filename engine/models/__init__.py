@@ -11,9 +11,9 @@ from .dupsampling import fit_basis
 
 __all__ = [
     "DSRL",
+    "VARIANTS",
     "DSRLOutput",
     "SegmenterConfig",
-    "VARIANTS",
     "create_model",
     "fit_basis",
     "strip_training_branches",

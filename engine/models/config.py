@@ -1,8 +1,9 @@
 """Configuration of the DSRL segmenter: one dataclass, JSON-serialisable with ``dataclasses.asdict``."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any, Mapping
+from typing import Any
 
 ENCODERS = ("mobile", "resnet18", "resnet34", "resnet50")
 DECODERS = ("deeplab", "dupsampling")
@@ -95,14 +96,14 @@ class SegmenterConfig:
         return self.output_stride
 
     @classmethod
-    def for_variant(cls, name: str, num_classes: int, **overrides: Any) -> "SegmenterConfig":
+    def for_variant(cls, name: str, num_classes: int, **overrides: Any) -> SegmenterConfig:
         """The config of an ablation variant (see ``VARIANTS``); ``overrides`` win over the variant."""
         if name not in VARIANTS:
             raise ValueError(f"unknown variant {name!r}; choose one of {', '.join(VARIANTS)}")
         return cls(num_classes=num_classes, **{**VARIANTS[name], **overrides})
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "SegmenterConfig":
+    def from_dict(cls, data: Mapping[str, Any]) -> SegmenterConfig:
         """Inverse of ``dataclasses.asdict``; unknown keys are an error, missing ones take defaults."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
@@ -115,6 +116,6 @@ class SegmenterConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def without_training_branches(self) -> "SegmenterConfig":
+    def without_training_branches(self) -> SegmenterConfig:
         """The same network with no SISR branch and no feature transforms (what inference builds)."""
         return replace(self, sisr=False, feature_affinity=False, sr_target="image")

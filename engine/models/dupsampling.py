@@ -12,7 +12,7 @@ is class ``c`` at row ``i``, column ``j`` of the patch. Nothing assumes square i
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -50,14 +50,15 @@ def label_patches(label_map: np.ndarray | torch.Tensor, num_classes: int, ratio:
     one-hot vectors. (The reference implementation relabels void as class 0 instead, which
     teaches W patches of a class that is not there.)
     """
-    lab = torch.as_tensor(np.asarray(label_map) if not isinstance(label_map, torch.Tensor) else label_map)
-    lab = lab.detach().cpu()
+    lab = label_map.detach().cpu() if isinstance(label_map, torch.Tensor) else np.asarray(label_map)
     h, w = (lab.shape[0] // ratio) * ratio, (lab.shape[1] // ratio) * ratio
     if h == 0 or w == 0:
         return
     rows = max(1, _BLOCK_ELEMENTS // (w * num_classes * ratio))  # patch rows per block
     for y0 in range(0, h, rows * ratio):
-        strip = lab[y0 : min(h, y0 + rows * ratio), :w].long()
+        strip = lab[y0 : min(h, y0 + rows * ratio), :w]
+        # widen per strip (uint16 label maps have few torch ops; int64 of a whole map is large)
+        strip = strip.long() if isinstance(strip, torch.Tensor) else torch.from_numpy(strip.astype(np.int64))
         valid = (strip >= 0) & (strip < num_classes)
         onehot = F.one_hot(strip.clamp(0, num_classes - 1), num_classes) * valid.unsqueeze(-1)
         onehot = onehot.permute(2, 0, 1).unsqueeze(0).to(torch.float64)  # (1, C, hs, w)

@@ -142,7 +142,9 @@ class InvertedResidual(nn.Module):
 
 # MobileNetV2 stages: (expansion t, channels c, repeats n, stride s). The 1280-channel
 # classifier conv of the original is left out (DeepLab's mobile encoder stops at 320 too).
-MOBILE_STAGES = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
+MOBILE_STAGES = (
+    (1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1),
+)
 
 
 class MobileEncoder(nn.Module):

@@ -71,7 +71,7 @@ class SubPixelUpsampler(nn.Sequential):
     def __init__(self, in_channels: int, in_stride: int, channels: int):
         super().__init__()
         factor = 2 * in_stride
-        stages = int(round(math.log2(factor)))
+        stages = round(math.log2(factor))
         if 2**stages != factor:
             raise ValueError(f"in_stride must be a power of two, got {in_stride}")
         width = in_channels

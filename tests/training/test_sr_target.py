@@ -4,8 +4,15 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 
-from training.sr_target import (DETAIL, EDGE_ENHANCE_MORE, bicubic_up, enhance_residual,
-                                pillow_kernel_filter, residual_target, sr_image)
+from training.sr_target import (
+    DETAIL,
+    EDGE_ENHANCE_MORE,
+    bicubic_up,
+    enhance_residual,
+    pillow_kernel_filter,
+    residual_target,
+    sr_image,
+)
 
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:

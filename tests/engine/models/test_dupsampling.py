@@ -114,3 +114,16 @@ def test_model_basis_is_a_persistent_fixed_buffer_with_temperature_parameter():
     deeplab = create_model(SegmenterConfig.for_variant("dsrl", 3, encoder_width=0.25))
     with pytest.raises(ValueError, match="DUpsampling"):
         deeplab.set_dupsampling_basis(basis)
+
+
+def test_fit_basis_accepts_uint16_tensors_and_generators_and_reports_progress():
+    labels = blob_labels((3, 20, 28), 3, seed=5, void_fraction=0.02).astype(np.uint16)
+    labels[0, 0, 0] = 65535  # void in a 16-bit map
+    reference = fit_basis(labels, 3, 4, 10)
+    torch.testing.assert_close(fit_basis(torch.from_numpy(labels.astype(np.int32)), 3, 4, 10), reference)
+    torch.testing.assert_close(fit_basis((m for m in labels), 3, 4, 10), reference)
+    calls = []
+    fit_basis(list(labels), 3, 4, 10, on_progress=lambda done, total, _: calls.append((done, total)))
+    assert calls == [(1, 3), (2, 3), (3, 3)]
+    with pytest.raises(InterruptedError):
+        fit_basis(list(labels), 3, 4, 10, cancel=lambda: True)

@@ -1,0 +1,175 @@
+"""Segmentation metrics: dataset IoU, confusion-matrix mIoU, and CascadePSP's boundary accuracy.
+
+- ``IoUAccumulator`` / ``dataset_iou``: total intersection over total union across a dataset,
+  masks thresholded at 0.5 (uint8 0/255 at 127, as the reference's > 128 on 8-bit files would
+  differ only for the value 128).
+- ``confusion_matrix`` / ``miou``: rows are ground truth, columns prediction; pixels whose ground
+  truth is ``ignore_index`` are left out; classes with an empty union are left out of the mean.
+- ``boundary_accuracy`` (mBA of one image) and ``mean_boundary_accuracy``: exactly the
+  reference's definition: for i in 0..4, r_i = 1 + int((R - 1) / 5 * i) with R = (w + h) / 300;
+  the band is the morphological gradient (dilation != erosion) of the ground truth with OpenCV's
+  elliptical (2r+1) x (2r+1) structuring element; accuracy is the share of band pixels where the
+  prediction equals the ground truth; mean over the five radii, then over images.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import numpy as np
+from scipy import ndimage
+
+
+def binarise(mask: np.ndarray) -> np.ndarray:
+    """bool: as is; uint8: > 127; other integers: > 0; float: > 0.5."""
+    mask = np.asarray(mask)
+    if mask.dtype == np.bool_:
+        return mask
+    if mask.dtype == np.uint8:
+        return mask > 127
+    if mask.dtype.kind in "iu":
+        return mask > 0
+    return mask > 0.5
+
+
+class IoUAccumulator:
+    """Sums intersection and union over (prediction, ground truth) pairs."""
+
+    def __init__(self) -> None:
+        self.intersection = 0
+        self.union = 0
+
+    def update(self, pred: np.ndarray, gt: np.ndarray) -> None:
+        p, g = binarise(pred), binarise(gt)
+        if p.shape != g.shape:
+            raise ValueError(f"prediction shape {p.shape} != ground truth shape {g.shape}")
+        self.intersection += int(np.count_nonzero(p & g))
+        self.union += int(np.count_nonzero(p | g))
+
+    @property
+    def value(self) -> float:
+        """Total intersection / total union; 1.0 when both are empty everywhere."""
+        return self.intersection / self.union if self.union else 1.0
+
+
+def dataset_iou(pairs: Iterable[tuple[np.ndarray, np.ndarray]]) -> float:
+    """IoU over a dataset of (prediction, ground truth) pairs: sum(I) / sum(U)."""
+    acc = IoUAccumulator()
+    for pred, gt in pairs:
+        acc.update(pred, gt)
+    return acc.value
+
+
+def confusion_matrix(pred: np.ndarray, gt: np.ndarray, num_classes: int,
+                     ignore_index: int | None = 255) -> np.ndarray:
+    """int64 (C, C) counts, ``[gt, pred]``; ground-truth ``ignore_index`` pixels are skipped.
+
+    Raises ``ValueError`` when a counted pixel's class (either side) is outside [0, C).
+    """
+    pred, gt = np.asarray(pred).reshape(-1), np.asarray(gt).reshape(-1)
+    if pred.shape != gt.shape:
+        raise ValueError(f"prediction size {pred.size} != ground truth size {gt.size}")
+    if ignore_index is not None:
+        keep = gt != ignore_index
+        g, p = gt[keep].astype(np.int64), pred[keep].astype(np.int64)
+    else:
+        g, p = gt.astype(np.int64), pred.astype(np.int64)
+    for name, v in (("ground truth", g), ("prediction", p)):
+        if v.size and (v.min() < 0 or v.max() >= num_classes):
+            raise ValueError(f"{name} holds class values outside 0..{num_classes - 1}")
+    cm = np.bincount(g * num_classes + p, minlength=num_classes * num_classes)
+    return cm.reshape(num_classes, num_classes)
+
+
+def miou(cm: np.ndarray) -> tuple[float, np.ndarray]:
+    """(mean IoU over classes with a non-empty union, per-class IoU with NaN for empty ones)."""
+    cm = np.asarray(cm, dtype=np.float64)
+    tp = np.diag(cm)
+    union = cm.sum(0) + cm.sum(1) - tp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = np.where(union > 0, tp / union, np.nan)
+    valid = ~np.isnan(iou)
+    return (float(iou[valid].mean()) if valid.any() else float("nan")), iou
+
+
+def ellipse_kernel(radius: int) -> np.ndarray:
+    """OpenCV's ``getStructuringElement(MORPH_ELLIPSE, (2r+1, 2r+1))`` as a bool array.
+
+    Row ``dy`` (from the centre) spans ``dx = round(r * sqrt((r^2 - dy^2) / r^2))`` columns
+    each side; this is not the same set as x^2 + y^2 <= r^2 (e.g. r = 2 gives full rows at
+    dy = +-1).
+    """
+    r = int(radius)
+    k = np.zeros((2 * r + 1, 2 * r + 1), bool)
+    if r == 0:
+        k[0, 0] = True
+        return k
+    for i in range(2 * r + 1):
+        dy = i - r
+        dx = int(np.rint(r * math.sqrt((r * r - dy * dy) / (r * r))))
+        k[i, max(r - dx, 0):min(r + dx + 1, 2 * r + 1)] = True
+    return k
+
+
+def boundary_radii(height: int, width: int) -> list[int]:
+    """The five radii of mBA for an image of this size."""
+    max_radius = (width + height) / 300
+    return [1 + int((max_radius - 1) / 5 * i) for i in range(5)]
+
+
+def _gradient_band(gt: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+    # OpenCV pads dilation with -inf and erosion with +inf: the image border never counts.
+    dil = ndimage.binary_dilation(gt, structure=kernel, border_value=0)
+    ero = ndimage.binary_erosion(gt, structure=kernel, border_value=1)
+    return dil & ~ero
+
+
+def boundary_accuracy(pred: np.ndarray, gt: np.ndarray) -> float:
+    """mBA of one binary prediction against its binary ground truth (see module docstring).
+
+    Inputs are binarised like ``binarise``. Returns NaN when the ground truth has no boundary
+    (the reference would divide by zero).
+    """
+    p, g = binarise(pred), binarise(gt)
+    if p.shape != g.shape or p.ndim != 2:
+        raise ValueError(f"prediction {p.shape} and ground truth {g.shape} must be equal 2-D shapes")
+    h, w = g.shape
+    accs = []
+    for r in boundary_radii(h, w):
+        band = _gradient_band(g, ellipse_kernel(r))
+        n = int(band.sum())
+        if n == 0:
+            return float("nan")
+        accs.append(np.count_nonzero(p[band] == g[band]) / n)
+    return sum(accs) / len(accs)
+
+
+def boundary_accuracy_multiclass(pred: np.ndarray, gt: np.ndarray, void: int | None = 0) -> float:
+    """Multi-class mBA as the reference computes it for scene parsing.
+
+    The band is the union of per-class gradients of every ground-truth class except ``void``;
+    ``void`` pixels inside the band are left out of both counts.
+    """
+    pred, gt = np.asarray(pred), np.asarray(gt)
+    h, w = gt.shape
+    classes = [c for c in np.unique(gt) if void is None or c != void]
+    accs = []
+    for r in boundary_radii(h, w):
+        kernel = ellipse_kernel(r)
+        band = np.zeros(gt.shape, bool)
+        for c in classes:
+            band |= _gradient_band(gt == c, kernel)
+        g, p = gt[band], pred[band]
+        n = g.size - (int(np.count_nonzero(g == void)) if void is not None else 0)
+        if n <= 0:
+            return float("nan")
+        correct = np.count_nonzero((p == g) & ((g != void) if void is not None else True))
+        accs.append(correct / n)
+    return sum(accs) / len(accs)
+
+
+def mean_boundary_accuracy(pairs: Iterable[tuple[np.ndarray, np.ndarray]]) -> float:
+    """Mean of ``boundary_accuracy`` over images that have a boundary (others are skipped)."""
+    values = [boundary_accuracy(p, g) for p, g in pairs]
+    values = [v for v in values if not math.isnan(v)]
+    return sum(values) / len(values) if values else float("nan")

@@ -1,0 +1,87 @@
+"""Command-line launch of training runs, single process or under ``torchrun``.
+
+``finemask train dsrl ...`` and ``torchrun --nproc-per-node N -m training dsrl ...`` share this
+parser. Under torchrun each process joins the process group (NCCL on GPUs, gloo on CPU) and
+the loop splits every global batch over the ranks; rank 0 writes checkpoints and logs.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .loop import LoopConfig
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join the process group when started by torchrun; returns (rank, world size)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend)
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``train dsrl``."""
+    parser.add_argument("--data", default="camvid", help="dataset name (camvid, dubai, idrid)")
+    parser.add_argument("--variant", default="dsrl",
+                        choices=["baseline", "sssr", "sssr_sisr", "dsrl", "dsrl_dup", "dsrl_res"])
+    parser.add_argument("--encoder", default="mobile", choices=["mobile", "resnet18", "resnet34", "resnet50"])
+    parser.add_argument("--output-stride", type=int, default=16, choices=[8, 16])
+    parser.add_argument("--crop", type=int, nargs=2, default=[352, 480], metavar=("H", "W"),
+                        help="HR (output-size) crop; the network input is half of it")
+    parser.add_argument("--data-scale", type=float, default=1.0, help="rescale the dataset's images first")
+    parser.add_argument("--sr-channels", type=int, default=None, help="width of the SISR decoder")
+    parser.add_argument("--steps", type=int, default=20000)
+    parser.add_argument("--batch-size", type=int, default=8, help="global batch (split over processes)")
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--weight-decay", type=float, default=1e-4)
+    parser.add_argument("--schedule", default="poly", choices=["poly", "step"])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    parser.add_argument("--ckpt-every", type=int, default=200)
+    parser.add_argument("--time-budget", type=float, default=None, metavar="MIN",
+                        help="stop this sitting after MIN minutes with a checkpoint (--resume continues)")
+    parser.add_argument("--run", type=Path, default=None, help="run folder (default runs/<data>-<variant>)")
+    parser.add_argument("--resume", action="store_true", help="continue the run from its last checkpoint")
+
+
+def run_dsrl(args: argparse.Namespace) -> int:
+    """Train (or resume) a DSRL run with a progress bar on rank 0."""
+    from tqdm import tqdm
+
+    from .train_dsrl import DSRLTrainConfig, train_dsrl
+
+    rank, _ = init_distributed()
+    loop = LoopConfig(
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+        schedule=args.schedule, seed=args.seed, ckpt_every=args.ckpt_every, num_workers=args.workers,
+        time_budget_s=None if args.time_budget is None else 60 * args.time_budget,
+    )
+    model_overrides = {} if args.sr_channels is None else {"sr_channels": args.sr_channels}
+    cfg = DSRLTrainConfig(
+        data=args.data, variant=args.variant, encoder=args.encoder, output_stride=args.output_stride,
+        crop=tuple(args.crop), data_scale=args.data_scale, model=model_overrides, loop=loop,
+    )
+    run = args.run or Path("runs") / f"{args.data}-{args.variant}"
+    bar = tqdm(total=args.steps, desc=f"train {args.variant}", unit="step", disable=rank != 0)
+
+    def progress(step: int, total: int, message: str) -> None:
+        bar.n = step
+        bar.set_postfix_str(message, refresh=False)
+        bar.refresh()
+
+    _, result = train_dsrl(cfg, run, resume=args.resume, on_progress=progress)
+    bar.close()
+    if rank == 0:
+        state = "finished" if result.finished else "stopped (resume with --resume)"
+        print(f"{state} at step {result.step}/{args.steps}, loss {result.last_loss:.4f}; run folder {run}")
+    return 0
