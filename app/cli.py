@@ -13,6 +13,7 @@ COMMANDS = {
     "refine": "app.commands.refine",
     "demo": "app.commands.demo",
     "train": "app.commands.train",
+    "evaluate": "app.commands.evaluate",
 }
 
 

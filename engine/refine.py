@@ -286,8 +286,8 @@ class Refiner:
         selection = selection or self.selection
         if selection not in SELECTIONS:
             raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
-        if L < 64:
-            raise ValueError(f"L must be at least 64, got {L}")
+        if L < 96:  # tiles need L/2 > 2 * 16 px margins (and the network some context)
+            raise ValueError(f"L must be at least 96, got {L}")
         self.stats = RefineStats(selection=selection)
         with torch.inference_mode(), reuse_freed_memory(self.reuse_cpu_memory and self.device.type == "cpu"):
             _check_cancel(cancel)
@@ -378,6 +378,7 @@ class Refiner:
 
     # ---------------------------------------------------------------- the two steps
 
+    @torch.inference_mode()
     def global_step(self, image: np.ndarray, mask: np.ndarray, binarise: Callable[[np.ndarray], np.ndarray],
                     L: int) -> GlobalResult:
         """Three cascade passes on the image resized so its longest side is ``L``."""
@@ -400,6 +401,7 @@ class Refiner:
         os4 = torch.sigmoid(out["pass3_os4"][0, 0, :gh, :gw].float()).cpu()
         return GlobalResult(os1=os1, os4=os4, full_shape=(H, W))
 
+    @torch.inference_mode()
     def local_step(self, image: np.ndarray, glob: GlobalResult, L: int, *, selection: str = "fraction",
                    batch_size: int | None = None, on_progress: ProgressFn | None = None,
                    cancel: CancelFn | None = None) -> np.ndarray:

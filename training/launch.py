@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -38,6 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-stride", type=int, default=16, choices=[8, 16])
     parser.add_argument("--crop", type=int, nargs=2, default=[352, 480], metavar=("H", "W"),
                         help="HR (output-size) crop; the network input is half of it")
+    parser.add_argument("--scale-range", type=float, nargs=2, default=[0.5, 2.0], metavar=("MIN", "MAX"),
+                        help="random rescaling of training images")
     parser.add_argument("--data-scale", type=float, default=1.0, help="rescale the dataset's images first")
     parser.add_argument("--sr-channels", type=int, default=None, help="width of the SISR decoder")
     parser.add_argument("--steps", type=int, default=20000)
@@ -47,6 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--schedule", default="poly", choices=["poly", "step"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--ckpt-every", type=int, default=200)
     parser.add_argument("--time-budget", type=float, default=None, metavar="MIN",
                         help="stop this sitting after MIN minutes with a checkpoint (--resume continues)")
@@ -61,6 +65,8 @@ def run_dsrl(args: argparse.Namespace) -> int:
     from .train_dsrl import DSRLTrainConfig, train_dsrl
 
     rank, _ = init_distributed()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     loop = LoopConfig(
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
         schedule=args.schedule, seed=args.seed, ckpt_every=args.ckpt_every, num_workers=args.workers,
@@ -69,7 +75,9 @@ def run_dsrl(args: argparse.Namespace) -> int:
     model_overrides = {} if args.sr_channels is None else {"sr_channels": args.sr_channels}
     cfg = DSRLTrainConfig(
         data=args.data, variant=args.variant, encoder=args.encoder, output_stride=args.output_stride,
-        crop=tuple(args.crop), data_scale=args.data_scale, model=model_overrides, loop=loop,
+        crop=tuple(args.crop), scale_range=tuple(args.scale_range), data_scale=args.data_scale, model=model_overrides, loop=loop,
+        command=" ".join(["python -m training", *sys.argv[1:]]) if sys.argv[0].endswith("__main__.py")
+        else " ".join(["finemask", *sys.argv[1:]]),
     )
     run = args.run or Path("runs") / f"{args.data}-{args.variant}"
     bar = tqdm(total=args.steps, desc=f"train {args.variant}", unit="step", disable=rank != 0)

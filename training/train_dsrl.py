@@ -45,6 +45,7 @@ class DSRLTrainConfig:
     data_scale: float = 1.0
     model: dict[str, Any] = field(default_factory=dict)
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=20000, batch_size=8, lr=2e-3))
+    command: str = ""  #: the command line that started the run, for the model card
 
 
 def build_model(cfg: DSRLTrainConfig, dataset: SegmentationDataset) -> torch.nn.Module:
@@ -59,13 +60,12 @@ def build_model(cfg: DSRLTrainConfig, dataset: SegmentationDataset) -> torch.nn.
 
 
 def _fit_dataset_basis(dataset: SegmentationDataset, config: SegmenterConfig, ratio: int) -> torch.Tensor:
-    """W from the training labels at the decoder's resolution (the LR input size: labels / 2)."""
+    """W from the training labels at the decoder's resolution (the LR input size: labels / 2); void pixels add nothing."""
     maps = []
     for i in range(len(dataset)):
         labels = dataset.load_labels(i)[::2, ::2].astype(np.int64)
         h, w = (labels.shape[0] // ratio) * ratio, (labels.shape[1] // ratio) * ratio
         labels = labels[:h, :w].copy()
-        labels[labels >= config.num_classes] = 0  # void pixels: count as background for the basis
         maps.append(labels)
     return fit_basis(maps, config.num_classes, ratio, config.dup_channels)
 

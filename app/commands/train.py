@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -12,3 +13,30 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     dsrl = jobs.add_parser("dsrl", help="train a DSRL segmenter; torchrun -m training dsrl for several GPUs")
     add_arguments(dsrl)
     dsrl.set_defaults(run=run_dsrl)
+    export = jobs.add_parser("export", help="evaluate a DSRL run and write it as a model folder")
+    export.add_argument("run_dir", type=Path, help="the run folder")
+    export.add_argument("--to", type=Path, required=True, help="model folder to create")
+    export.add_argument("--name", required=True)
+    export.add_argument("--input-size", type=int, nargs=2, required=True, metavar=("W", "H"),
+                        help="the working size the model expects")
+    export.add_argument("--no-eval", action="store_true", help="skip the validation mIoU")
+    export.add_argument("--overwrite", action="store_true")
+    export.set_defaults(run=run_export)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    import sys
+
+    from tqdm import tqdm
+
+    from training.export import export_dsrl_run
+
+    bar = tqdm(desc="evaluate", unit="image", disable=args.no_eval)
+    folder = export_dsrl_run(
+        args.run_dir, args.to, name=args.name, input_size=tuple(args.input_size), evaluate=not args.no_eval,
+        overwrite=args.overwrite, command="finemask " + " ".join(sys.argv[1:]),
+        on_progress=lambda d, t, m: (setattr(bar, "total", t), bar.update(1)),
+    )
+    bar.close()
+    print(f"wrote {folder}")
+    return 0
