@@ -117,11 +117,35 @@ def boundary_radii(height: int, width: int) -> list[int]:
     return [1 + int((max_radius - 1) / 5 * i) for i in range(5)]
 
 
-def _gradient_band(gt: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+def binary_dilation(mask: np.ndarray, radius: int) -> np.ndarray:
+    """Dilation by ``ellipse_kernel(radius)``, pixels outside the image counting as 0.
+
+    The kernel is a stack of centred horizontal runs (one per row offset), so the dilation is the
+    OR of row-shifted 1-D maximum filters: O(pixels x (2r+1)) instead of O(pixels x r^2).
+    """
+    m = np.ascontiguousarray(mask, dtype=np.uint8)
+    h = m.shape[0]
+    k = ellipse_kernel(radius)
+    r = k.shape[0] // 2
+    out = np.zeros(m.shape, bool)
+    runs: dict[int, np.ndarray] = {}
+    for i in range(k.shape[0]):
+        width = int(k[i].sum())
+        if width not in runs:
+            runs[width] = ndimage.maximum_filter1d(m, size=width, axis=1, mode="constant", cval=0).astype(bool)
+        row = runs[width]
+        dy = i - r  # out[y] gathers row y + dy
+        if dy >= 0:
+            out[: h - dy] |= row[dy:]
+        else:
+            out[-dy:] |= row[: h + dy]
+    return out
+
+
+def _gradient_band(gt: np.ndarray, radius: int) -> np.ndarray:
     # OpenCV pads dilation with -inf and erosion with +inf: the image border never counts.
-    dil = ndimage.binary_dilation(gt, structure=kernel, border_value=0)
-    ero = ndimage.binary_erosion(gt, structure=kernel, border_value=1)
-    return dil & ~ero
+    # Erosion with a symmetric kernel is the complement of the dilation of the complement.
+    return binary_dilation(gt, radius) & binary_dilation(~gt, radius)
 
 
 def boundary_accuracy(pred: np.ndarray, gt: np.ndarray) -> float:
@@ -136,7 +160,7 @@ def boundary_accuracy(pred: np.ndarray, gt: np.ndarray) -> float:
     h, w = g.shape
     accs = []
     for r in boundary_radii(h, w):
-        band = _gradient_band(g, ellipse_kernel(r))
+        band = _gradient_band(g, r)
         n = int(band.sum())
         if n == 0:
             return float("nan")
@@ -155,10 +179,9 @@ def boundary_accuracy_multiclass(pred: np.ndarray, gt: np.ndarray, void: int | N
     classes = [c for c in np.unique(gt) if void is None or c != void]
     accs = []
     for r in boundary_radii(h, w):
-        kernel = ellipse_kernel(r)
         band = np.zeros(gt.shape, bool)
         for c in classes:
-            band |= _gradient_band(gt == c, kernel)
+            band |= _gradient_band(gt == c, r)
         g, p = gt[band], pred[band]
         n = g.size - (int(np.count_nonzero(g == void)) if void is not None else 0)
         if n <= 0:

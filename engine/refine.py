@@ -37,9 +37,10 @@ Deviations from the reference, each for a stated reason:
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -192,12 +193,15 @@ class Refiner:
     ``device``: ``"cpu"``, ``"cuda"``, or None for CUDA when available. ``selection``: default
     tile selection. ``max_batch``: upper bound of the adaptive tile batch (default 16 on CUDA,
     2 on CPU, where larger batches do not run faster). ``reuse_cpu_memory``: see
-    ``engine.tiling.reuse_freed_memory``.
+    ``engine.tiling.reuse_freed_memory``. ``num_threads``: torch CPU threads while refining
+    (process-wide for the duration of a call; None keeps torch's setting). On a machine whose
+    cores are busy with other work, 1 thread can be 2-3x faster than 2 (threads of one operation
+    wait for each other when one of them is descheduled); see docs/BENCHMARKS.md.
     """
 
     def __init__(self, model: nn.Module, *, device: str | torch.device | None = None,
                  card: ModelCard | None = None, selection: str = "fraction", max_batch: int | None = None,
-                 reuse_cpu_memory: bool = True):
+                 reuse_cpu_memory: bool = True, num_threads: int | None = None):
         if selection not in SELECTIONS:
             raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
         if device is None:
@@ -208,6 +212,7 @@ class Refiner:
         self.selection = selection
         self.max_batch = max_batch or (16 if self.device.type == "cuda" else 2)
         self.reuse_cpu_memory = reuse_cpu_memory
+        self.num_threads = num_threads
         self.stats = RefineStats()
         self._bytes_per_pixel: float | None = None
 
@@ -289,7 +294,8 @@ class Refiner:
         if L < 96:  # tiles need L/2 > 2 * 16 px margins (and the network some context)
             raise ValueError(f"L must be at least 96, got {L}")
         self.stats = RefineStats(selection=selection)
-        with torch.inference_mode(), reuse_freed_memory(self.reuse_cpu_memory and self.device.type == "cpu"):
+        with torch.inference_mode(), _threads(self.num_threads), \
+                reuse_freed_memory(self.reuse_cpu_memory and self.device.type == "cpu"):
             _check_cancel(cancel)
             if on_progress:
                 on_progress(0, 1, "global step")
@@ -309,9 +315,12 @@ class Refiner:
     def refine_labels(self, image: np.ndarray, labels: np.ndarray, probs: np.ndarray | None = None, *,
                       fast: bool = False, L: int = 900, ignore_index: int | None = None,
                       on_progress: ProgressFn | None = None, cancel: CancelFn | None = None,
-                      selection: str | None = None, batch_size: int | None = None
-                      ) -> tuple[np.ndarray, np.ndarray]:
-        """Refine a label map class by class; return (labels, confidence float32 (H, W)).
+                      selection: str | None = None, batch_size: int | None = None,
+                      return_confidence: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """Refine a label map class by class; return labels like ``labels`` (same dtype).
+
+        With ``return_confidence``, return (labels, confidence) where confidence is float32
+        (H, W): the winning class's refined confidence (or the coarse one where it held).
 
         Each class present in ``labels`` (except ``ignore_index``) is refined as a binary mask
         inside its bounding box enlarged by 25% (12.5% per side, at least 8 px); a pixel goes to
@@ -335,7 +344,7 @@ class Refiner:
         out = labels.copy()
         H, W = labels.shape
         if len(classes) < 2:
-            return out, np.ones((H, W), np.float32)
+            return (out, np.ones((H, W), np.float32)) if return_confidence else out
         n = len(classes)
         has_ignored = ignore_index is not None and 0 <= ignore_index < len(counts) and counts[ignore_index] > 0
         two = n == 2 and not has_ignored
@@ -358,7 +367,7 @@ class Refiner:
             out[y0:y1, x0:x1] = np.where(conf > 0.5, small, big).astype(out.dtype)
             best = np.ones((H, W), np.float32)
             best[y0:y1, x0:x1] = np.maximum(conf, 1.0 - conf)
-            return out, best
+            return (out, best) if return_confidence else out
         if probs is not None:
             best = np.empty((H, W), np.float32)
             for r0 in range(0, H, STRIP_ROWS):
@@ -374,7 +383,7 @@ class Refiner:
             wins = conf > region_best
             out[y0:y1, x0:x1][wins] = c
             np.copyto(region_best, conf, where=wins)
-        return out, best
+        return (out, best) if return_confidence else out
 
     # ---------------------------------------------------------------- the two steps
 
@@ -579,6 +588,19 @@ def _enlarged_bboxes(labels: np.ndarray, classes: list[int]) -> dict[int, tuple[
         gy, gx = max(8, round(0.125 * (y1 - y0))), max(8, round(0.125 * (x1 - x0)))
         boxes[c] = (max(0, y0 - gy), min(H, y1 + gy), max(0, x0 - gx), min(W, x1 + gx))
     return boxes
+
+
+@contextlib.contextmanager
+def _threads(n: int | None) -> Iterator[None]:
+    if not n:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _check_cancel(cancel: CancelFn | None) -> None:

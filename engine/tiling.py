@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 STRIP_ROWS = 256
-STRIP_ELEMENTS = 1 << 22
+STRIP_ELEMENTS = 1 << 20
 
 
 @dataclass(frozen=True)

@@ -179,7 +179,7 @@ def test_fast_mode_is_the_resized_global_step():
     glob = ref.global_step(img, mask, lambda a: a, 96)
     expect = bilinear_region(glob.os1, (150, 230), (0, 150), (0, 230)).numpy()
     np.testing.assert_allclose(fast, expect, atol=1e-6)
-    assert tuple(glob.os1.shape) == (63, 96)
+    assert tuple(glob.os1.shape) == (62, 96)  # floor(150 * 96 / 230)
     # an image smaller than L is enlarged for the global step and shrunk back
     small = ref.refine(img[:40, :50], mask[:40, :50], fast=True, L=96)
     assert small.shape == (40, 50)
@@ -245,7 +245,7 @@ def test_multiclass_keeps_labels_when_refinement_agrees_and_absent_classes_absen
     labels[45:75, 60:110] = 5
     img = rng.integers(0, 255, (80, 120, 3), dtype=np.uint8)
     echo = MaskEcho()
-    out, conf = Refiner.refine_labels(echo, img, labels)
+    out, conf = Refiner.refine_labels(echo, img, labels, return_confidence=True)
     np.testing.assert_array_equal(out, labels)
     assert len(echo.calls) == 3 and conf.dtype == np.float32
     # the class-2 crop is its box (30 x 40) grown by 12.5% per side, at least 8 px
@@ -258,7 +258,7 @@ def test_multiclass_with_a_random_model_never_invents_classes():
     labels[10:50, 20:70] = 3
     labels[55:85, 80:130] = 7
     ref = tiny_refiner()
-    out, conf = ref.refine_labels(img, labels, L=96)
+    out, conf = ref.refine_labels(img, labels, L=96, return_confidence=True)
     assert out.dtype == np.uint16 and set(np.unique(out)) <= {0, 3, 7}
     assert conf.shape == labels.shape and np.all((conf >= 0) & (conf <= 1))
 
@@ -269,10 +269,11 @@ def test_multiclass_low_confidence_keeps_the_coarse_label_unless_probs_say_other
     labels[35:55, 50:80] = 2
     img = np.zeros((60, 90, 3), np.uint8)
     echo = MaskEcho(weak=True)
-    out, _ = Refiner.refine_labels(echo, img, labels)
+    out = Refiner.refine_labels(echo, img, labels)  # labels only, by default
+    assert isinstance(out, np.ndarray) and out.dtype == labels.dtype
     np.testing.assert_array_equal(out, labels)  # nothing beats 0.5 where labels would change
     probs = np.full((3, 60, 90), 0.1, np.float32)
-    out, conf = Refiner.refine_labels(echo, img, labels, probs=probs)
+    out, conf = Refiner.refine_labels(echo, img, labels, probs=probs, return_confidence=True)
     # coarse confidence 0.1: background's 0.3 takes class 1's weak left half (0.25) ...
     assert np.all(out[10:30, 10:24] == 0)
     # ... while the confident right half stays
@@ -284,7 +285,7 @@ def test_two_classes_refine_only_the_smaller_one():
     labels = np.full((70, 100), 4, np.uint8)
     labels[20:40, 30:60] = 9
     echo = MaskEcho()
-    out, conf = Refiner.refine_labels(echo, np.zeros((70, 100, 3), np.uint8), labels)
+    out, conf = Refiner.refine_labels(echo, np.zeros((70, 100, 3), np.uint8), labels, return_confidence=True)
     assert len(echo.calls) == 1
     np.testing.assert_array_equal(out, labels)
     assert np.all(conf >= 0.5)
@@ -319,7 +320,7 @@ MEMORY_SCRIPT = textwrap.dedent("""
     cfg = RefinerConfig(backbone="light", stage_channels=(8, 16, 16, 24), psp_channels=16,
                         decoder_channels=(8, 8, 4), head_channels=8)
     torch.manual_seed(0)
-    ref = Refiner(RefinementModule(cfg), device="cpu", max_batch=2)
+    ref = Refiner(RefinementModule(cfg), device="cpu", max_batch=1)
     yy = np.arange(H)[:, None]; xx = np.arange(W)[None, :]
     mask = np.zeros((H, W), bool)
     for r0 in range(0, H, 256):  # in strips: no full-size float temporaries before the baseline
@@ -356,4 +357,7 @@ def test_memory_stays_flat_from_4k_to_8k():
     over4 = k4["peak"] - k4["base"] - k4["out"] * 5 // 4
     over8 = k8["peak"] - k8["base"] - k8["out"] * 5 // 4
     assert k8["tiles"] > k4["tiles"] > 0
-    assert over8 < over4 * 1.25 + (48 << 20), (over4 >> 20, over8 >> 20)
+    # 8K has 3x more pixels than 4K: each full-size float32 map held during refinement adds 100 MB
+    # to the difference, a float copy of the RGB image 300 MB, the reference's buffers ~800 MB;
+    # the measured difference is noise (about +-60 MB).
+    assert over8 < over4 + (128 << 20), (over4 >> 20, over8 >> 20)
