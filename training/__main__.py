@@ -1,18 +1,19 @@
-"""``python -m training dsrl ...`` (also under ``torchrun --nproc-per-node N -m training dsrl ...``)."""
+"""``python -m training dsrl|refine ...`` (also under ``torchrun --nproc-per-node N -m training ...``)."""
 from __future__ import annotations
 
 import argparse
 import sys
 
-from .launch import add_arguments, run_dsrl
+from .launch import add_arguments, add_refine_arguments, run_dsrl, run_refine
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training")
     sub = parser.add_subparsers(dest="job", required=True)
     add_arguments(sub.add_parser("dsrl", help="train a DSRL segmenter"))
+    add_refine_arguments(sub.add_parser("refine", help="train the CascadePSP refinement module"))
     args = parser.parse_args(argv)
-    return {"dsrl": run_dsrl}[args.job](args)
+    return {"dsrl": run_dsrl, "refine": run_refine}[args.job](args)
 
 
 if __name__ == "__main__":

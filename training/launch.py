@@ -93,3 +93,48 @@ def run_dsrl(args: argparse.Namespace) -> int:
         state = "finished" if result.finished else "stopped (resume with --resume)"
         print(f"{state} at step {result.step}/{args.steps}, loss {result.last_loss:.4f}; run folder {run}")
     return 0
+
+
+def add_refine_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``train refine``."""
+    parser.add_argument("--backbone", default="light", choices=["light", "resnet50"])
+    parser.add_argument("--sources", nargs="+", default=["camvid", "dubai", "isbi2012", "idrid", "composites"])
+    parser.add_argument("--crops-per-epoch", type=int, default=10000)
+    parser.add_argument("--steps", type=int, default=45000)
+    parser.add_argument("--batch-size", type=int, default=12, help="global batch (split over processes)")
+    parser.add_argument("--lr", type=float, default=2.25e-4)
+    parser.add_argument("--weight-decay", type=float, default=1e-4)
+    parser.add_argument("--schedule", default="step", choices=["poly", "step"])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--ckpt-every", type=int, default=500)
+    parser.add_argument("--time-budget", type=float, default=None, metavar="MIN")
+    parser.add_argument("--run", type=Path, default=Path("runs") / "refine")
+    parser.add_argument("--resume", action="store_true")
+
+
+def run_refine(args: argparse.Namespace) -> int:
+    """Train (or resume) the refinement module with a progress bar on rank 0."""
+    from tqdm import tqdm
+
+    from .train_refine import RefineTrainConfig, train_refine
+
+    rank, _ = init_distributed()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    loop = LoopConfig(
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+        schedule=args.schedule, seed=args.seed, ckpt_every=args.ckpt_every, num_workers=args.workers,
+        time_budget_s=None if args.time_budget is None else 60 * args.time_budget,
+    )
+    cfg = RefineTrainConfig(backbone=args.backbone, sources=tuple(args.sources),
+                            crops_per_epoch=args.crops_per_epoch, loop=loop, command=" ".join(sys.argv))
+    bar = tqdm(total=args.steps, desc=f"train refine-{args.backbone}", unit="step", disable=rank != 0)
+    _, result = train_refine(cfg, args.run, resume=args.resume,
+                             on_progress=lambda s, t, m: (setattr(bar, "n", s), bar.set_postfix_str(m)))
+    bar.close()
+    if rank == 0:
+        state = "finished" if result.finished else "stopped (resume with --resume)"
+        print(f"{state} at step {result.step}/{args.steps}, loss {result.last_loss:.4f}; run folder {args.run}")
+    return 0

@@ -6,13 +6,16 @@ from pathlib import Path
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from training.launch import add_arguments, run_dsrl
+    from training.launch import add_arguments, add_refine_arguments, run_dsrl, run_refine
 
-    p = sub.add_parser("train", help="train a model (dsrl)")
+    p = sub.add_parser("train", help="train a model (dsrl, refine) or export a run")
     jobs = p.add_subparsers(dest="job", required=True)
     dsrl = jobs.add_parser("dsrl", help="train a DSRL segmenter; torchrun -m training dsrl for several GPUs")
     add_arguments(dsrl)
     dsrl.set_defaults(run=run_dsrl)
+    refine = jobs.add_parser("refine", help="train the refinement module; torchrun -m training refine for GPUs")
+    add_refine_arguments(refine)
+    refine.set_defaults(run=run_refine)
     export = jobs.add_parser("export", help="evaluate a DSRL run and write it as a model folder")
     export.add_argument("run_dir", type=Path, help="the run folder")
     export.add_argument("--to", type=Path, required=True, help="model folder to create")

@@ -215,7 +215,13 @@ def _init_weights(module: nn.Module) -> None:
 
 
 class PyramidPooling(nn.Module):
-    """Average-pool to each bin size, 1x1 conv, upsample, concatenate with the input, 1x1 conv."""
+    """Average-pool to each bin size, 1x1 conv, upsample, concatenate with the input, 1x1 conv.
+
+    Computed without the concatenation: the bottleneck is linear and bilinear weights sum to one,
+    so its share for each prior is applied at the bin size (a few pixels) and the result
+    upsampled. Same value as the reference's order of operations (up to float rounding), with
+    a 5x smaller bottleneck convolution and no (5C, H, W) concatenated tensor.
+    """
 
     def __init__(self, channels: int, out_channels: int, bins: tuple[int, ...] = (1, 2, 3, 6)):
         super().__init__()
@@ -226,9 +232,13 @@ class PyramidPooling(nn.Module):
         self.relu = nn.ReLU(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        size = x.shape[-2:]
-        priors = [F.interpolate(stage(x), size=size, mode="bilinear", align_corners=False) for stage in self.stages]
-        return self.relu(self.bottleneck(torch.cat(priors + [x], 1)))
+        size, c = x.shape[-2:], x.shape[1]
+        w = self.bottleneck.weight  # input channels: [prior 1, ..., prior n, x], as the reference's cat
+        out = F.conv2d(x, w[:, len(self.stages) * c:], self.bottleneck.bias)
+        for i, stage in enumerate(self.stages):
+            prior = F.conv2d(stage(x), w[:, i * c:(i + 1) * c])
+            out = out + F.interpolate(prior, size=size, mode="bilinear", align_corners=False)
+        return self.relu(out)
 
 
 def _preact_convs(in_channels: int, out_channels: int) -> nn.Sequential:
@@ -239,17 +249,40 @@ def _preact_convs(in_channels: int, out_channels: int) -> nn.Sequential:
 
 
 class UpsampleStage(nn.Module):
-    """x2 bilinear upsampling, concatenation with a skip, two pre-activation residual units."""
+    """x2 bilinear upsampling, concatenation with a skip, two pre-activation residual units.
+
+    In eval mode the same function is computed in a cheaper order (``fast_eval``): the first
+    BatchNorm and the 1x1 shortcut are applied before upsampling (both are per-pixel affine maps
+    and bilinear weights sum to one), and the 3x3 conv over the concatenation is split into one
+    conv per part, so neither the concatenation nor a full-resolution copy of it is built.
+    """
 
     def __init__(self, x_channels: int, skip_channels: int, out_channels: int):
         super().__init__()
         self.conv = _preact_convs(x_channels + skip_channels, out_channels)
         self.conv2 = _preact_convs(out_channels, out_channels)
         self.shortcut = nn.Conv2d(x_channels, out_channels, 1)
+        self.fast_eval = True
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
-        p = self.conv(torch.cat([x, skip], 1)) + self.shortcut(x)
+        size = skip.shape[-2:]
+        if self.training or not self.fast_eval:
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+            p = self.conv(torch.cat([x, skip], 1)) + self.shortcut(x)
+            return p + self.conv2(p)
+        cx = x.shape[1]
+        bn, conv = self.conv[0], self.conv[2]
+
+        def bn_part(t: torch.Tensor, part: slice) -> torch.Tensor:
+            return F.batch_norm(t, bn.running_mean[part], bn.running_var[part], bn.weight[part], bn.bias[part],
+                                False, 0.0, bn.eps)
+
+        xa = F.interpolate(bn_part(x, slice(0, cx)), size=size, mode="bilinear", align_corners=False)
+        p = F.conv2d(F.relu_(xa), conv.weight[:, :cx], conv.bias, padding=1)
+        del xa
+        p += F.conv2d(F.relu_(bn_part(skip, slice(cx, None))), conv.weight[:, cx:], None, padding=1)
+        p = self.conv[5](self.conv[4](self.conv[3](p)))
+        p += F.interpolate(self.shortcut(x), size=size, mode="bilinear", align_corners=False)
         return p + self.conv2(p)
 
 
@@ -329,3 +362,40 @@ def normalise_image(rgb: torch.Tensor) -> torch.Tensor:
     mean = torch.tensor(IMAGENET_MEAN, dtype=rgb.dtype, device=rgb.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, dtype=rgb.dtype, device=rgb.device).view(1, 3, 1, 1)
     return (rgb - mean) / std
+
+
+def _fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+    """A conv computing ``bn(conv(x))`` (eval-mode BatchNorm)."""
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                      conv.dilation, conv.groups, bias=True)
+    with torch.no_grad():
+        fused.weight.copy_(conv.weight * scale.view(-1, 1, 1, 1))
+        bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+        fused.bias.copy_((bias - bn.running_mean) * scale + bn.bias)
+    return fused
+
+
+def fuse_for_inference(model: RefinementModule) -> RefinementModule:
+    """An eval-mode copy with every BatchNorm that directly follows a conv folded into it.
+
+    Same outputs (up to float rounding) with fewer full-size memory passes. The stem's BatchNorm
+    stays (its conv's raw output is the OS2 skip), as do the pre-activation BatchNorms of the
+    decoder. The copy is for inference only: its state dict no longer has the official layout.
+    """
+    import copy
+
+    fused = copy.deepcopy(model).eval()
+    for module in fused.modules():
+        if isinstance(module, (Bottleneck, BasicBlock)):
+            pairs = [("conv1", "bn1"), ("conv2", "bn2")] + ([("conv3", "bn3")] if hasattr(module, "conv3") else [])
+            for c, b in pairs:
+                setattr(module, c, _fold_bn(getattr(module, c), getattr(module, b)))
+                setattr(module, b, nn.Identity())
+            if module.downsample is not None:
+                module.downsample = _fold_bn(module.downsample[0], module.downsample[1])
+        elif isinstance(module, UpsampleStage):
+            for seq in (module.conv, module.conv2):
+                seq[2] = _fold_bn(seq[2], seq[3])
+                seq[3] = nn.Identity()
+    return fused
