@@ -133,7 +133,8 @@ def make_refiner(cfg: dict):
     from engine.models.refine import RefinementModule, RefinerConfig
     from engine.refine import Refiner
 
-    kw = dict(device=cfg["device"], num_threads=cfg["threads"], reuse_cpu_memory=not cfg["no_reuse"])
+    kw = {"device": cfg["device"], "num_threads": cfg["threads"], "reuse_cpu_memory": not cfg["no_reuse"],
+              "precision": cfg["precision"]}
     if cfg["weights"]:
         w = Path(cfg["weights"])
         if w.is_file():
@@ -163,10 +164,11 @@ def run_child(cfg: dict) -> dict:
         torch.cuda.synchronize()
     total = time.perf_counter() - t0
     s = ref.stats
-    result = dict(total_s=total, global_s=s.global_seconds, local_s=s.local_seconds, tiles=s.tiles_processed,
-                  tiles_total=s.tiles_total, batch=s.batch_size, peak_rss=peak_rss(), base_rss=base,
-                  threads=torch.get_num_threads() if not cfg["threads"] else cfg["threads"],
-                  written=[[t.wy0, t.wy1, t.wx0, t.wx1] for t in s.processed])
+    result = {"total_s": total, "global_s": s.global_seconds, "local_s": s.local_seconds, "tiles": s.tiles_processed,
+                  "tiles_total": s.tiles_total, "batch": s.batch_size, "peak_rss": peak_rss(), "base_rss": base,
+                  "threads": torch.get_num_threads() if not cfg["threads"] else cfg["threads"],
+                  "precision": ref.precision,
+                  "written": [[t.wy0, t.wy1, t.wx0, t.wx1] for t in s.processed]}
     if ref.device.type == "cuda":
         result["peak_cuda"] = torch.cuda.max_memory_allocated()
     if trained and data["gt"].size:
@@ -211,15 +213,20 @@ def run_reference_child(cfg: dict) -> dict:
             t0 = time.perf_counter()
             safe_forward(model, tile_im, tile_seg, tile_seg)
             times.append(time.perf_counter() - t0)
-    return dict(global_s=glob, tile_s=float(np.mean(times)), peak_rss=peak_rss())
+    return {"global_s": glob, "tile_s": float(np.mean(times)), "peak_rss": peak_rss()}
 
 
 # --------------------------------------------------------------------------------------------
 # Parent: run configurations, score tile selections, print a table
 
 
-def oracle_scores(gt: np.ndarray, coarse: np.ndarray, written: list[list[int]]) -> tuple[float, float, float]:
-    """(IoU, mBA, share of coarse-mask errors inside processed tiles) with perfect tiles."""
+NEAR = 64  # px: coarse errors this close to the coarse boundary are what refinement can fix
+
+
+def oracle_scores(gt: np.ndarray, coarse: np.ndarray, near: np.ndarray,
+                  written: list[list[int]]) -> tuple[float, float, float, float]:
+    """With perfect tiles: (IoU, mBA, share of all coarse errors inside processed tiles, share of
+    coarse errors within ``NEAR`` px of the coarse boundary inside processed tiles)."""
     from engine.metrics import boundary_accuracy, dataset_iou
 
     pred = coarse.copy()
@@ -229,15 +236,24 @@ def oracle_scores(gt: np.ndarray, coarse: np.ndarray, written: list[list[int]]) 
         inside[y0:y1, x0:x1] = True
     err = coarse != gt
     covered = float((err & inside).sum() / max(1, err.sum()))
-    return dataset_iou([(pred, gt)]), boundary_accuracy(pred, gt), covered
+    covered_near = float((err & near & inside).sum() / max(1, (err & near).sum()))
+    return dataset_iou([(pred, gt)]), boundary_accuracy(pred, gt), covered, covered_near
+
+
+def near_boundary(mask: np.ndarray, dist: int = NEAR) -> np.ndarray:
+    """Pixels within ``dist`` px (Euclidean) of the mask's boundary."""
+    from scipy import ndimage
+
+    edge = mask ^ ndimage.binary_erosion(mask, border_value=1)
+    return ndimage.distance_transform_edt(~edge) <= dist
 
 
 def spawn(cfg: dict) -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     if cfg.get("threads"):
         env["OMP_NUM_THREADS"] = str(cfg["threads"])
-    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(cfg)], capture_output=True, text=True,
-                          env=env, cwd=ROOT)
+    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(cfg)], capture_output=True,
+                          text=True, check=False, env=env, cwd=ROOT)
     if proc.returncode != 0:
         raise SystemExit(f"child failed: {cfg}\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -255,10 +271,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--L", type=int, default=900)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--fast", action="store_true")
+    p.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16"])
     p.add_argument("--no-reuse", action="store_true", help="disable engine.tiling.reuse_freed_memory")
     p.add_argument("--weights", default=None, help="trained checkpoint folder or official CascadePSP file")
     p.add_argument("--reference-src", default=None, help="folder holding hkchengrex's segmentation_refinement/")
     p.add_argument("--reference-tiles", type=int, default=1, help="reference tiles to time (averaged)")
+    p.add_argument("--no-oracle", action="store_true", help="skip the oracle scores (slow beyond 8K)")
     p.add_argument("--json", type=Path, default=None, help="also write all results here")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -271,24 +289,28 @@ def main(argv: list[str] | None = None) -> int:
     img, coarse, gt, desc = load_inputs(args.dataset, size)
     import torch
 
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     machine = (f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}), "
-               f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM, torch {torch.__version__}")
+               f"{ram:.0f} GiB RAM, torch {torch.__version__}")
     if args.device.startswith("cuda"):
         machine += f", {torch.cuda.get_device_name()}"
-    print(f"# {desc}\n# {machine}\n# command: python bench/refine.py {' '.join(sys.argv[1:] if argv is None else argv)}")
+    command = " ".join(sys.argv[1:] if argv is None else argv)
+    print(f"# {desc}\n# {machine}\n# command: python bench/refine.py {command}")
     results = []
+    near = near_boundary(coarse) if gt is not None and not args.no_oracle else None
     with tempfile.TemporaryDirectory() as tmp:
         npz = Path(tmp) / "data.npz"
         np.savez(npz, image=img, coarse=coarse, gt=gt if gt is not None else np.zeros(0, bool))
         if args.reference_src:
             for threads in args.threads:
-                cfg = dict(reference=True, reference_src=args.reference_src, data=str(npz), L=args.L,
-                           threads=threads, reference_tiles=args.reference_tiles)
+                cfg = {"reference": True, "reference_src": args.reference_src, "data": str(npz), "L": args.L,
+                       "threads": threads, "reference_tiles": args.reference_tiles}
                 load = os.getloadavg()[0]
                 r = spawn(cfg)
                 # tiles the reference would process: its 10%-90% rule ("fraction") on the same input
-                n = spawn(dict(backbone="light", selection="fraction", device="cpu", threads=threads, L=args.L,
-                               batch_size=None, fast=False, no_reuse=False, weights=None, data=str(npz)))["tiles"]
+                n = spawn({"backbone": "light", "selection": "fraction", "device": "cpu", "threads": threads,
+                           "L": args.L, "batch_size": None, "fast": False, "no_reuse": False, "weights": None,
+                           "data": str(npz), "precision": "auto"})["tiles"]
                 r.update(kind="reference", backbone="resnet50 (reference)", selection="fraction", tiles=n,
                          total_s=r["global_s"] + n * r["tile_s"], load=load, threads=threads)
                 results.append(r)
@@ -298,17 +320,18 @@ def main(argv: list[str] | None = None) -> int:
         for backbone in args.backbones:
             for selection in args.selections:
                 for threads in args.threads:
-                    cfg = dict(backbone=backbone, selection=selection, device=args.device, threads=threads,
-                               L=args.L, batch_size=args.batch_size, fast=args.fast, no_reuse=args.no_reuse,
-                               weights=args.weights, data=str(npz))
+                    cfg = {"backbone": backbone, "selection": selection, "device": args.device, "threads": threads,
+                           "L": args.L, "batch_size": args.batch_size, "fast": args.fast, "no_reuse": args.no_reuse,
+                           "weights": args.weights, "data": str(npz), "precision": args.precision}
                     load = os.getloadavg()[0]
                     r = spawn(cfg)
                     r.update(kind="ours", backbone=backbone, selection=selection, load=load,
                              load_after=os.getloadavg()[0])
-                    if gt is not None and not args.fast:
-                        r["oracle_iou"], r["oracle_mba"], r["err_covered"] = oracle_scores(gt, coarse, r["written"])
+                    if gt is not None and not args.fast and not args.no_oracle:
+                        (r["oracle_iou"], r["oracle_mba"], r["err_covered"],
+                         r["near_err_covered"]) = oracle_scores(gt, coarse, near, r["written"])
                     results.append(r)
-                    line = (f"{backbone:8s} {selection:8s} threads={r['threads']} batch={r['batch']}: "
+                    line = (f"{backbone:8s} {selection:8s} {r['precision']} threads={r['threads']} batch={r['batch']}: "
                             f"total {r['total_s']:.1f} s (global {r['global_s']:.1f} s, local {r['local_s']:.1f} s), "
                             f"tiles {r['tiles']}/{r['tiles_total']}, peak RSS {r['peak_rss'] / 2**30:.2f} GiB "
                             f"(before refine {r['base_rss'] / 2**30:.2f}), load {load:.1f}->{r['load_after']:.1f}")
@@ -316,18 +339,19 @@ def main(argv: list[str] | None = None) -> int:
                         line += f", peak CUDA {r['peak_cuda'] / 2**30:.2f} GiB"
                     if "oracle_iou" in r:
                         line += (f"; oracle IoU {r['oracle_iou']:.4f} mBA {r['oracle_mba']:.4f}, "
-                                 f"coarse errors in tiles {100 * r['err_covered']:.1f}%")
+                                 f"coarse errors in tiles {100 * r['err_covered']:.1f}% "
+                                 f"(within {NEAR} px of its boundary {100 * r['near_err_covered']:.1f}%)")
                     if "iou" in r:
                         line += f"; IoU {r['iou']:.4f} mBA {r['mba']:.4f}"
                     print(line, flush=True)
-    if gt is not None:
+    if gt is not None and not args.no_oracle:
         from engine.metrics import boundary_accuracy, dataset_iou
 
         print(f"coarse input: IoU {dataset_iou([(coarse, gt)]):.4f} mBA {boundary_accuracy(coarse, gt):.4f}")
     if args.json:
         for r in results:
             r.pop("written", None)
-        args.json.write_text(json.dumps(dict(data=desc, machine=machine, results=results), indent=1))
+        args.json.write_text(json.dumps({"data": desc, "machine": machine, "results": results}, indent=1))
     return 0
 
 

@@ -7,6 +7,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+#: ImageNet statistics every model here normalises its RGB input with.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -14,14 +15,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 def to_tensor(image: np.ndarray) -> torch.Tensor:
     """(H, W, 3) float in [0, 1] -> (3, H, W) float32 tensor (shares memory where possible)."""
     return torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).permute(2, 0, 1)
-
-
-def normalize(x: torch.Tensor) -> torch.Tensor:
-    """ImageNet normalisation of a (B, 3, H, W) or (3, H, W) tensor in [0, 1]."""
-    shape = (3, 1, 1) if x.dim() == 3 else (1, 3, 1, 1)
-    mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype, device=x.device).view(shape)
-    std = torch.tensor(IMAGENET_STD, dtype=x.dtype, device=x.device).view(shape)
-    return (x - mean) / std
 
 
 def fit_longer_side(height: int, width: int, longer: int) -> tuple[int, int]:

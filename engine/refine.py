@@ -10,30 +10,39 @@
    mask and the global OS4 output as its OS8 estimate, and runs passes 2 and 3. Only some tiles
    run (``selection``):
 
-   - ``"fraction"`` (reference): 10% to 90% of the tile is foreground;
+   - ``"cover"`` (default): a greedy smallest set of boundary tiles such that every boundary
+     pixel lies at least L/8 px inside (away from inner edges of) one chosen tile;
+   - ``"fraction"`` (the reference): 10% to 90% of the tile is foreground;
    - ``"boundary"``: the region the tile writes contains a mask boundary pixel;
-   - ``"cover"``: a greedy smallest set of boundary tiles such that every boundary pixel lies at
-     least L/8 px inside (away from inner edges of) one chosen tile;
    - ``"all"``: every tile.
+
+   Measured (docs/BENCHMARKS.md): ``"cover"`` reaches every coarse-mask error within 64 px of the
+   mask boundary with the fewest tiles; ``"fraction"`` skips tiles whose object is small (under
+   10% of the tile) and so misses small objects; ``"boundary"`` reaches as much as ``"cover"`` with
+   about twice the tiles.
 
    16 px are trimmed from inner tile edges, overlaps are averaged, and pixels no tile wrote keep
    the global result.
 
 Beyond the reference: tiles run in batches sized to free memory; the only full-size buffers are
 the float32 result and a uint8 overlap count (inputs are read one tile or row strip at a time),
-so memory is bounded by the batch, not the image; channels_last, ``torch.inference_mode``, bf16
-autocast on CUDA; a progress callback and a cancel check; the output is deterministic for a
-given batch size.
+so memory is bounded by the batch, not the image; the module runs with BatchNorms folded and its
+decoder reordered (``engine.models.refine.fuse_for_inference``), channels_last, under
+``torch.inference_mode``, in bfloat16 on CUDA (autocast) and on CPUs with native bf16; a progress
+callback and a cancel check; the output is deterministic for a given batch size.
 
 Deviations from the reference, each for a stated reason:
 
+- the default tile selection is ``"cover"``, not the reference's 10%-90% rule (see above);
 - pixels no tile wrote keep the global *confidence*; the reference keeps the thresholded global
   mask. Both threshold to the same mask at 0.5, and the soft value is a better confidence for
   multi-class arbitration and for the uncertainty shown to users;
 - full-size resampling uses ``align_corners=False`` everywhere (the reference's fast mode uses
   ``True`` when enlarging); this matches how the local step reads the same global result;
 - sizes of the reduced image are computed from ``L`` (long side exactly ``L``) instead of a scale
-  factor, avoiding off-by-one sizes from float rounding.
+  factor, avoiding off-by-one sizes from float rounding;
+- bfloat16 on CPUs that support it (the reference is float32 on CPU): twice the convolution
+  speed; probabilities moved by about 1e-3 in our tests (``precision="float32"`` turns it off).
 """
 from __future__ import annotations
 
@@ -52,7 +61,13 @@ from torch import nn
 
 from .checkpoints import ModelCard, load_checkpoint, save_checkpoint
 from .errors import FineMaskError
-from .models.refine import RefinementModule, RefinerConfig, build_refinement_module, normalise_image
+from .models.refine import (
+    RefinementModule,
+    RefinerConfig,
+    build_refinement_module,
+    fuse_for_inference,
+    normalise_image,
+)
 from .tiling import (
     STRIP_ROWS,
     Tile,
@@ -71,6 +86,7 @@ CancelFn = Callable[[], bool]
 
 ARCHITECTURE = "cascadepsp"
 SELECTIONS = ("fraction", "boundary", "cover", "all")
+PRECISIONS = ("auto", "float32", "bfloat16")
 TILE_MARGIN = 16
 FRACTION_RANGE = (0.1, 0.9)
 
@@ -117,11 +133,11 @@ class GlobalResult:
 def _check_image(image: Any) -> np.ndarray:
     if not isinstance(image, np.ndarray):
         raise FineMaskError(f"image must be a numpy array, got {type(image).__name__}")
-    if image.ndim == 3 and image.shape[2] in (1, 3, 4) or image.ndim == 2:
-        if image.dtype.kind in "uifb":
-            if min(image.shape[:2]) < 1:
-                raise FineMaskError(f"image is empty (shape {image.shape})")
-            return image
+    shape_ok = image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (1, 3, 4))
+    if shape_ok and image.dtype.kind in "uifb":
+        if min(image.shape[:2]) < 1:
+            raise FineMaskError(f"image is empty (shape {image.shape})")
+        return image
     raise FineMaskError(f"image must be (H, W, 3) uint8 or float in [0, 1], got shape {image.shape} "
                         f"dtype {image.dtype}")
 
@@ -173,8 +189,8 @@ def _mask_binariser(mask: Any, shape: tuple[int, int]) -> tuple[np.ndarray, Call
 def global_size(height: int, width: int, L: int) -> tuple[int, int]:
     """Size (gh, gw) of the global step: longest side exactly ``L``, aspect ratio kept."""
     scale = L / max(height, width)
-    gh = L if height >= width else max(1, int(math.floor(height * scale + 1e-6)))
-    gw = L if width > height else max(1, int(math.floor(width * scale + 1e-6)))
+    gh = L if height >= width else max(1, math.floor(height * scale + 1e-6))
+    gw = L if width > height else max(1, math.floor(width * scale + 1e-6))
     return gh, gw
 
 
@@ -192,25 +208,33 @@ class Refiner:
 
     ``device``: ``"cpu"``, ``"cuda"``, or None for CUDA when available. ``selection``: default
     tile selection. ``max_batch``: upper bound of the adaptive tile batch (default 16 on CUDA,
-    2 on CPU, where larger batches do not run faster). ``reuse_cpu_memory``: see
-    ``engine.tiling.reuse_freed_memory``. ``num_threads``: torch CPU threads while refining
+    1 on CPU, where a batch of 2 ran no faster and used more memory). ``reuse_cpu_memory``: see
+    ``engine.tiling.reuse_freed_memory``. ``precision``: ``"float32"``, ``"bfloat16"`` or
+    ``"auto"`` (bfloat16 on CUDA - autocast - and on CPUs with native bf16 arithmetic, where it
+    doubles convolution speed; float32 elsewhere). ``num_threads``: torch CPU threads while refining
     (process-wide for the duration of a call; None keeps torch's setting). On a machine whose
     cores are busy with other work, 1 thread can be 2-3x faster than 2 (threads of one operation
     wait for each other when one of them is descheduled); see docs/BENCHMARKS.md.
     """
 
     def __init__(self, model: nn.Module, *, device: str | torch.device | None = None,
-                 card: ModelCard | None = None, selection: str = "fraction", max_batch: int | None = None,
-                 reuse_cpu_memory: bool = True, num_threads: int | None = None):
+                 card: ModelCard | None = None, selection: str = "cover", max_batch: int | None = None,
+                 reuse_cpu_memory: bool = True, num_threads: int | None = None, precision: str = "auto"):
         if selection not in SELECTIONS:
             raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
-        self.model = model.eval().to(self.device, memory_format=torch.channels_last)
+        self.model = model.eval()
+        if precision == "auto":
+            precision = "bfloat16" if self.device.type == "cuda" or cpu_has_bf16() else "float32"
+        self.precision = precision
+        self._inference: tuple[tuple[int, ...], nn.Module] | None = None
         self.card = card
         self.selection = selection
-        self.max_batch = max_batch or (16 if self.device.type == "cuda" else 2)
+        self.max_batch = max_batch or (16 if self.device.type == "cuda" else 1)
         self.reuse_cpu_memory = reuse_cpu_memory
         self.num_threads = num_threads
         self.stats = RefineStats()
@@ -219,7 +243,7 @@ class Refiner:
     # ---------------------------------------------------------------- loading and saving
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | Path, **kwargs: Any) -> "Refiner":
+    def from_pretrained(cls, name_or_path: str | Path, **kwargs: Any) -> Refiner:
         """Load a FineMask refinement checkpoint (a shipped name or a folder)."""
         state, card = load_checkpoint(name_or_path)
         if card.architecture != ARCHITECTURE:
@@ -235,7 +259,7 @@ class Refiner:
     @classmethod
     def from_official_checkpoint(cls, path: str | Path, *, save_to: str | Path | None = None,
                                  name: str = "cascadepsp-official", overwrite: bool = False,
-                                 **kwargs: Any) -> "Refiner":
+                                 **kwargs: Any) -> Refiner:
         """Load the official CascadePSP weights (the ``model`` file of its release).
 
         The file is read with ``torch.load(weights_only=True)``, which refuses anything but
@@ -253,7 +277,7 @@ class Refiner:
             raw = raw["state_dict"]
         if not isinstance(raw, dict) or not all(isinstance(v, torch.Tensor) for v in raw.values()):
             raise FineMaskError("file does not hold a state dict of tensors", path)
-        state = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in raw.items()}
+        state = {k.removeprefix("module."): v for k, v in raw.items()}
         config = RefinerConfig(backbone="resnet50")
         model = RefinementModule(config)
         _load_state(model, state, path)
@@ -357,7 +381,7 @@ class Refiner:
             return lambda d, t, m: on_progress(k * 1000 + int(1000 * d / max(t, 1)), steps * 1000,
                                                f"class {classes[k]} ({k + 1}/{steps}): {m}")
 
-        kwargs = dict(fast=fast, L=L, cancel=cancel, selection=selection, batch_size=batch_size)
+        kwargs = {"fast": fast, "L": L, "cancel": cancel, "selection": selection, "batch_size": batch_size}
         if two:
             small, big = sorted(classes, key=lambda c: (counts[c], c))
             (y0, y1, x0, x1) = boxes[small]
@@ -370,9 +394,11 @@ class Refiner:
             return (out, best) if return_confidence else out
         if probs is not None:
             best = np.empty((H, W), np.float32)
+            n_prob = probs.shape[0]
             for r0 in range(0, H, STRIP_ROWS):
                 lab = labels[r0:r0 + STRIP_ROWS].astype(np.int64)
-                best[r0:r0 + STRIP_ROWS] = np.take_along_axis(probs[:, r0:r0 + STRIP_ROWS], lab[None], 0)[0]
+                coarse = np.take_along_axis(probs[:, r0:r0 + STRIP_ROWS], np.minimum(lab, n_prob - 1)[None], 0)[0]
+                best[r0:r0 + STRIP_ROWS] = np.where(lab < n_prob, coarse, 0.5)  # ignored pixels: 0.5
         else:
             best = np.full((H, W), 0.5, np.float32)
         for k, c in enumerate(classes):
@@ -411,7 +437,7 @@ class Refiner:
         return GlobalResult(os1=os1, os4=os4, full_shape=(H, W))
 
     @torch.inference_mode()
-    def local_step(self, image: np.ndarray, glob: GlobalResult, L: int, *, selection: str = "fraction",
+    def local_step(self, image: np.ndarray, glob: GlobalResult, L: int, *, selection: str = "cover",
                    batch_size: int | None = None, on_progress: ProgressFn | None = None,
                    cancel: CancelFn | None = None) -> np.ndarray:
         """Passes 2 and 3 on full-resolution tiles, blended into a float32 (H, W) map."""
@@ -445,16 +471,36 @@ class Refiner:
 
     # ---------------------------------------------------------------- helpers
 
+    @property
+    def inference_model(self) -> nn.Module:
+        """The module as run: BatchNorms folded (``fuse_for_inference``), channels_last, on the
+        device, in bfloat16 for CPU bf16 precision. Rebuilt when ``model``'s tensors change."""
+        tensors = list(self.model.parameters()) + list(self.model.buffers())
+        version = tuple(t._version for t in tensors) + tuple(id(t) for t in tensors)
+        if self._inference is None or self._inference[0] != version:
+            m = fuse_for_inference(self.model) if isinstance(self.model, RefinementModule) else self.model
+            dtype = self._dtype if self.device.type == "cpu" else torch.float32
+            m = m.eval().to(self.device, dtype=dtype, memory_format=torch.channels_last)
+            self._inference = (version, m)
+        return self._inference[1]
+
+    @property
+    def _dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.precision == "bfloat16" else torch.float32
+
     def _forward(self, img: torch.Tensor, seg: torch.Tensor, prev_os8: torch.Tensor | None = None
                  ) -> dict[str, torch.Tensor]:
         """Pad to a multiple of 8 (image 0, masks -1, as the reference) and run the module."""
+        model = self.inference_model
         cl = torch.channels_last
-        img = _pad8(img, 0.0).contiguous(memory_format=cl)
-        seg = _pad8(seg, -1.0).contiguous(memory_format=cl)
+        dtype = self._dtype if self.device.type == "cpu" else torch.float32
+        img = _pad8(img, 0.0).to(dtype).contiguous(memory_format=cl)
+        seg = _pad8(seg, -1.0).to(dtype).contiguous(memory_format=cl)
         if prev_os8 is not None:
-            prev_os8 = _pad8(prev_os8, -1.0).contiguous(memory_format=cl)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            return self.model(img, seg, prev_os8)
+            prev_os8 = _pad8(prev_os8, -1.0).to(dtype).contiguous(memory_format=cl)
+        cuda_bf16 = self.device.type == "cuda" and self.precision == "bfloat16"
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda_bf16):
+            return model(img, seg, prev_os8)
 
     def _upsample_global(self, glob: GlobalResult) -> np.ndarray:
         H, W = glob.full_shape
@@ -469,7 +515,7 @@ class Refiner:
     def tile_bytes(self, th: int, tw: int) -> int:
         """Estimated working memory of one (th, tw) tile through passes 2 and 3, in bytes."""
         if self._bytes_per_pixel is None:
-            self._bytes_per_pixel = _probe_bytes_per_pixel(self.model, self.device)
+            self._bytes_per_pixel = _probe_bytes_per_pixel(self.inference_model, self.device, self._dtype)
         return int(self._bytes_per_pixel * (th + 8) * (tw + 8))
 
     def adaptive_batch_size(self, th: int, tw: int) -> int:
@@ -603,6 +649,19 @@ def _threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU does bfloat16 arithmetic natively (AVX512-BF16 or AMX)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = line.split()
+                    return "avx512_bf16" in flags or "amx_bf16" in flags
+    except OSError:
+        pass
+    return False
+
+
 def _check_cancel(cancel: CancelFn | None) -> None:
     if cancel is not None and cancel():
         raise RefinementCancelled("refinement cancelled")
@@ -628,7 +687,7 @@ def _load_state(model: nn.Module, state: dict[str, torch.Tensor], path: Path) ->
     model.load_state_dict(merged, strict=True)
 
 
-def _probe_bytes_per_pixel(model: nn.Module, device: torch.device) -> float:
+def _probe_bytes_per_pixel(model: nn.Module, device: torch.device, dtype: torch.dtype) -> float:
     """Working bytes per input pixel, from a 64 x 64 probe forward of passes 2 and 3.
 
     Estimate: three times the largest (inputs + output) of any layer, in float32 - room for the
@@ -649,8 +708,8 @@ def _probe_bytes_per_pixel(model: nn.Module, device: torch.device) -> float:
     try:
         n = 64
         with torch.inference_mode():
-            x = torch.zeros(1, 3, n, n, device=device)
-            s = torch.zeros(1, 1, n, n, device=device)
+            x = torch.zeros(1, 3, n, n, device=device, dtype=dtype if device.type == "cpu" else torch.float32)
+            s = torch.zeros_like(x[:, :1])
             model(x, s, s)
     finally:
         for h in hooks:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import math
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -137,7 +136,7 @@ class TileAccumulator:
 
     def finish(self, fallback: Callable[[int, int], np.ndarray] | None = None,
                strip_rows: int = STRIP_ROWS) -> np.ndarray:
-        height, width = self.sum.shape
+        height, _width = self.sum.shape
         for r0 in range(0, height, strip_rows):
             r1 = min(height, r0 + strip_rows)
             s, c = self.sum[r0:r1], self.count[r0:r1]
@@ -236,12 +235,11 @@ def available_memory(device: torch.device | str = "cpu") -> int:
         free, _ = torch.cuda.mem_get_info(device)
         return int(free)
     avail = None
-    with contextlib.suppress(OSError, ValueError):
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    avail = int(line.split()[1]) * 1024
-                    break
+    with contextlib.suppress(OSError, ValueError), open("/proc/meminfo", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) * 1024
+                break
     if avail is None:
         try:
             avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
@@ -312,7 +310,3 @@ def reuse_freed_memory(enabled: bool = True) -> Iterator[None]:
                 for param, value in _GLIBC_AFTER.items():
                     libc.mallopt(param, value)
                 libc.malloc_trim(0)
-
-
-def ceil_to(n: int, multiple: int) -> int:
-    return int(math.ceil(n / multiple) * multiple)

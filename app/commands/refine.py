@@ -27,21 +27,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         f"weights file (.pth / 'model'); default {DEFAULT_REFINER}")
     p.add_argument("--fast", action="store_true", help="global step only (quicker, coarser boundaries)")
     p.add_argument("--L", type=int, default=900, dest="L", help="working size and tile size in pixels (900)")
-    p.add_argument("--tiles", choices=("fraction", "boundary", "cover", "all"), default=None,
-                   help="which full-resolution tiles to refine (default: the model's setting)")
+    p.add_argument("--tiles", choices=("cover", "fraction", "boundary", "all"), default=None,
+                   help="which full-resolution tiles to refine: cover (default: fewest tiles reaching every "
+                        "boundary), fraction (the reference's 10-90%% foreground rule), boundary, all")
     p.add_argument("--soft", action="store_true", help="binary masks: write the confidence (0..255)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default: torch's); 1 is faster when other programs keep the cores busy")
     p.set_defaults(run=run)
 
 
-def load_refiner(model: str, device: str | None = None):
+def load_refiner(model: str, device: str | None = None, threads: int | None = None):
     """A Refiner from a checkpoint name/folder, or from an official CascadePSP weights file."""
     from engine.refine import Refiner
 
     path = Path(model).expanduser()
     if path.is_file() and path.name not in ("model.safetensors", "card.json"):
-        return Refiner.from_official_checkpoint(path, device=device)
-    return Refiner.from_pretrained(model, device=device)
+        return Refiner.from_official_checkpoint(path, device=device, num_threads=threads)
+    return Refiner.from_pretrained(model, device=device, num_threads=threads)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -51,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
         raise FineMaskError("output must end in .png, .tif or .tiff", args.output)
     image = read_image(args.image)
     labels = read_labels(args.mask, shape=image.shape[:2])
-    refiner = load_refiner(args.model, args.device)
+    refiner = load_refiner(args.model, args.device, args.threads)
     values = np.flatnonzero(np.bincount(labels.reshape(-1)))
     binary = set(values.tolist()) <= {0, 255} or set(values.tolist()) <= {0, 1}
 
@@ -63,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
             bar.set_postfix_str(message, refresh=False)
             bar.refresh()
 
-        kwargs = dict(fast=args.fast, L=args.L, on_progress=on_progress, selection=args.tiles)
+        kwargs = {"fast": args.fast, "L": args.L, "on_progress": on_progress, "selection": args.tiles}
         if binary:
             conf = refiner.refine(image, labels > 0, **kwargs)
             out = (np.clip(conf, 0, 1) * 255 + 0.5).astype(np.uint8) if args.soft else \

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..preprocess import IMAGENET_MEAN, IMAGENET_STD
 from .config import SegmenterConfig
 from .decoders import DeepLabDecoder
 from .dupsampling import DUpsamplingDecoder
@@ -25,8 +26,6 @@ from .encoders import create_encoder
 from .layers import ConvBNAct, SubPixelUpsampler, check_divisible, init_weights
 from .sisr import SISRBranch
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 # State-dict prefixes of the modules only the training model has.
 TRAINING_ONLY_PREFIXES = ("sisr.", "feature_transform.")
 

@@ -58,7 +58,7 @@ class RefinerConfig:
     decoder_channels: tuple[int, int, int] | None = None
     head_channels: int | None = None
 
-    def resolved(self) -> "RefinerConfig":
+    def resolved(self) -> RefinerConfig:
         """A copy with every ``None`` replaced by the backbone's preset."""
         if self.backbone not in BACKBONES:
             raise ValueError(f"unknown refiner backbone {self.backbone!r}; choose one of {BACKBONES}")
@@ -76,7 +76,7 @@ class RefinerConfig:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "RefinerConfig":
+    def from_dict(cls, data: dict[str, Any]) -> RefinerConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -87,22 +87,22 @@ class RefinerConfig:
 
 _PRESETS: dict[str, dict[str, Any]] = {
     # Official CascadePSP: ResNet-50 (bottleneck widths 64..512, x4 expansion), PSP 2048 -> 1024.
-    "resnet50": dict(
-        stage_channels=(256, 512, 1024, 2048),
-        stage_blocks=(3, 4, 6, 3),
-        psp_channels=1024,
-        decoder_channels=(512, 256, 32),
-        head_channels=32,
-    ),
+    "resnet50": {
+        "stage_channels": (256, 512, 1024, 2048),
+        "stage_blocks": (3, 4, 6, 3),
+        "psp_channels": 1024,
+        "decoder_channels": (512, 256, 32),
+        "head_channels": 32,
+    },
     # Ours: narrow basic-block network; the widths were chosen for a 4K image in under a minute
     # on two CPU cores (see docs/BENCHMARKS.md).
-    "light": dict(
-        stage_channels=(32, 64, 96, 128),
-        stage_blocks=(1, 1, 1, 1),
-        psp_channels=128,
-        decoder_channels=(32, 16, 8),
-        head_channels=16,
-    ),
+    "light": {
+        "stage_channels": (32, 64, 96, 128),
+        "stage_blocks": (1, 1, 1, 1),
+        "psp_channels": 128,
+        "decoder_channels": (32, 16, 8),
+        "head_channels": 16,
+    },
 }
 
 

@@ -8,9 +8,15 @@ import pickle
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from engine.errors import FineMaskError
-from engine.models.refine import OUTPUT_NAMES, RefinementModule, RefinerConfig
+from engine.models.refine import (
+    OUTPUT_NAMES,
+    RefinementModule,
+    RefinerConfig,
+    fuse_for_inference,
+)
 from engine.refine import Refiner
 
 TINY = RefinerConfig(backbone="light", stage_channels=(8, 16, 16, 24), psp_channels=16,
@@ -214,3 +220,44 @@ def test_light_model_is_much_smaller_than_resnet50(resnet50):
     n_big = sum(p.numel() for p in resnet50.parameters())
     assert n_light * 20 < n_big
     assert np.isfinite(n_light)
+
+
+def _randomise_bn(model: torch.nn.Module) -> None:
+    g = torch.Generator().manual_seed(5)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.3)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+
+
+def test_pyramid_pooling_equals_the_reference_order_of_operations():
+    torch.manual_seed(0)
+    model = RefinementModule(TINY).eval()
+    psp = model.psp
+    x = torch.randn(2, 24, 13, 17)
+    with torch.inference_mode():
+        priors = [F.interpolate(stage(x), size=(13, 17), mode="bilinear", align_corners=False) for stage in psp.stages]
+        expect = torch.relu(psp.bottleneck(torch.cat(priors + [x], 1)))
+        torch.testing.assert_close(psp(x), expect, atol=1e-5, rtol=1e-5)
+
+
+def test_decoder_fast_path_and_bn_folding_preserve_outputs():
+    torch.manual_seed(0)
+    model = RefinementModule(TINY).eval()
+    _randomise_bn(model)
+    fused = fuse_for_inference(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.feats.layer2.modules())
+    x, s = torch.randn(1, 3, 48, 64), torch.rand(1, 1, 48, 64) * 2 - 1
+    with torch.inference_mode():
+        fast = model(x, s)
+        fast_fused = fused(x, s)
+        for stage in (model.up_1, model.up_2, model.up_3):
+            stage.fast_eval = False
+        plain = model(x, s)
+    for name in OUTPUT_NAMES:
+        torch.testing.assert_close(fast[name], plain[name], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(fast_fused[name], plain[name], atol=1e-4, rtol=1e-4)
+    # the original keeps the official layout
+    assert "feats.layer1.0.bn1.running_var" in model.state_dict()
