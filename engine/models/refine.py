@@ -29,8 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from ..preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 #: Output names, in the order the reference's loss weights list them.
 OUTPUT_NAMES = ("pass3_os1", "pass1_os8", "pass2_os4", "pass2_os8", "pass3_os8", "pass3_os4")

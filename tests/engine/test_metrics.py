@@ -8,6 +8,7 @@ import pytest
 
 from engine.metrics import (
     IoUAccumulator,
+    binary_dilation,
     boundary_accuracy,
     boundary_accuracy_multiclass,
     boundary_radii,
@@ -141,3 +142,18 @@ def test_confusion_matrix_and_miou_with_ignore_index():
     assert math.isnan(per4[3]) and m4 == pytest.approx(m)  # an empty class is left out
     with pytest.raises(ValueError):
         confusion_matrix(pred + 5, gt, 3)
+
+
+@pytest.mark.parametrize("shape,radius", [((40, 50), 3), ((9, 30), 7), ((30, 5), 6), ((1, 1), 2)])
+def test_binary_dilation_matches_the_kernel_definition(shape, radius):
+    rng = np.random.default_rng(radius)
+    m = rng.random(shape) < 0.1
+    k = ellipse_kernel(radius)
+    h, w = shape
+    expect = np.zeros(shape, bool)
+    for y, x in zip(*np.nonzero(m)):  # stamp the kernel at every set pixel, clipped to the image
+        for dy, dx in zip(*np.nonzero(k)):
+            yy, xx = y + dy - radius, x + dx - radius
+            if 0 <= yy < h and 0 <= xx < w:
+                expect[yy, xx] = True
+    np.testing.assert_array_equal(binary_dilation(m, radius), expect)
