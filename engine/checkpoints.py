@@ -138,6 +138,7 @@ def save_checkpoint(
             v = v.half()
         tensors[k] = v
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    tmp.chmod(0o755)  # mkdtemp makes the folder private; a model folder is an ordinary one
     try:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         (tmp / CARD_FILE).write_text(card.to_json(), encoding="utf-8")

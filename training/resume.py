@@ -69,6 +69,7 @@ def save_state(folder: str | Path, state: dict[str, Any]) -> Path:
     folder.parent.mkdir(parents=True, exist_ok=True)
     tensors, skeleton = pack(state)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    tmp.chmod(0o755)  # mkdtemp makes the folder private; a model folder is an ordinary one
     try:
         save_file(tensors, str(tmp / TENSORS_FILE))
         (tmp / SKELETON_FILE).write_text(json.dumps(skeleton), encoding="utf-8")
