@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -106,13 +105,7 @@ def load_inputs(spec: str, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarra
 # One configuration, in a child process
 
 
-def peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def current_rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+from engine.memory import current_rss, peak_rss  # noqa: E402  (VmHWM: not inherited from the parent)
 
 
 def proxy_global(coarse: np.ndarray, like):

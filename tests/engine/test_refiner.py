@@ -331,7 +331,7 @@ def test_save_and_from_pretrained_round_trip(tmp_path):
 # ------------------------------------------------------------------------------- memory
 
 MEMORY_SCRIPT = textwrap.dedent("""
-    import json, resource, sys
+    import json, sys
     import numpy as np, torch
     torch.set_num_threads(1)
     from engine.models.refine import RefinementModule, RefinerConfig
@@ -355,10 +355,11 @@ MEMORY_SCRIPT = textwrap.dedent("""
         low = F.interpolate(t, size=tuple(g.os1.shape), mode="area")[0, 0]
         return GlobalResult(os1=low, os4=low, full_shape=g.full_shape)
     ref.global_step = global_step
-    with open("/proc/self/statm") as f:
-        base = int(f.read().split()[1]) * 4096  # resident now, after the inputs exist
+    from engine.memory import current_rss, peak_rss, reset_peak_rss
+    reset_peak_rss()
+    base = current_rss()  # resident now, after the inputs exist
     out = ref.refine(img, mask, L=900)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss()
     print(json.dumps(dict(base=base, peak=peak, out=out.nbytes, tiles=ref.stats.tiles_processed)))
 """)
 

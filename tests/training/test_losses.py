@@ -83,18 +83,17 @@ def test_fa_on_512x1024_output_needs_less_than_1_gib_extra():
     # Peak RSS growth of one forward+backward in a fresh process, measured on the real size.
     # The same measurement with one N x N block is run as a control that the probe sees memory.
     script = textwrap.dedent("""
-        import resource, torch
+        import torch
         torch.set_num_threads(1)
+        from engine.memory import current_rss, peak_rss, reset_peak_rss
         from training.losses import feature_affinity_loss
-        def rss():
-            with open('/proc/self/statm') as f:
-                return int(f.read().split()[1]) * resource.getpagesize()
         def extra(block):
             a = torch.rand(1, 16, 512, 1024, requires_grad=True)
             b = torch.rand(1, 16, 512, 1024, requires_grad=True)
-            base = rss()
+            reset_peak_rss()
+            base = current_rss()
             feature_affinity_loss(a, b, 8, **block).backward()
-            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+            return peak_rss() - base
         feature_affinity_loss(torch.rand(1, 4, 64, 64), torch.rand(1, 4, 64, 64)).item()
         print(extra({}), extra({'block_elements': 8192 * 8192}))
     """)
