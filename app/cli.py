@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.run(args) or 0)
-    except FineMaskError as exc:
+    except (FineMaskError, ValueError) as exc:  # ValueError: an option out of range (e.g. --L 10)
         print(f"finemask {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -69,3 +69,33 @@ def test_demo_writes_labels_and_overlay(tmp_path, model_dir, capsys):
     assert read_labels(out / "labels.tif").shape == (45, 70)
     assert (out / "overlay.png").stat().st_size > 0
     assert "skipping refinement" in capsys.readouterr().out
+
+
+@pytest.fixture()
+def refiner_dir(tmp_path):
+    from engine.models.refine import RefinementModule, RefinerConfig
+    from engine.refine import Refiner
+
+    torch.manual_seed(0)
+    cfg = RefinerConfig(backbone="light", stage_channels=(8, 8, 16, 16), stage_blocks=(1, 1, 1, 1),
+                        psp_channels=16, decoder_channels=(8, 8, 8), head_channels=8)
+    return Refiner(RefinementModule(cfg), device="cpu").save(tmp_path / "refiner", name="tiny-refiner")
+
+
+def test_refine_and_segment_refine(tmp_path, model_dir, refiner_dir):
+    from engine.io import write_labels
+
+    image = _image(tmp_path, shape=(60, 90))
+    mask = np.zeros((60, 90), np.uint8)
+    mask[15:45, 20:70] = 255
+    write_labels(tmp_path / "mask.png", mask)
+    out = tmp_path / "refined.png"
+    args = ["refine", str(image), str(tmp_path / "mask.png"), "-o", str(out), "--model", str(refiner_dir)]
+    assert main([*args, "--L", "32"]) == 2 and not out.exists()  # out of range: a message, no traceback
+    assert main([*args, "--L", "96"]) == 0
+    assert read_labels(out).shape == (60, 90)
+    seg_out = tmp_path / "seg.tif"
+    assert main(["segment", str(image), "-o", str(seg_out), "--model", str(model_dir), "--refine",
+                 "--refiner", str(refiner_dir)]) == 0
+    refined = read_labels(seg_out)
+    assert refined.shape == (60, 90) and refined.max() < 3
