@@ -59,7 +59,7 @@ def test_two_process_ddp_matches_single_process(tmp_path):
     mp.spawn(_worker, args=(_free_port(), tmp_path / "ddp", out), nprocs=2, join=True)
     ddp = torch.load(out, weights_only=True)
     for name, value in single.state_dict().items():
-        torch.testing.assert_close(ddp[name], value, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ddp[name], value, rtol=1e-4, atol=1e-5)  # all-reduce sums in another order
     assert (tmp_path / "ddp" / "state").is_dir()  # rank 0 wrote the checkpoint
     # the single-process weights moved: the comparison is not trivially between two initial models
     assert not torch.allclose(single.state_dict()["0.weight"], _model().state_dict()["0.weight"])
