@@ -54,16 +54,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ckpt-every", type=int, default=200)
     parser.add_argument("--time-budget", type=float, default=None, metavar="MIN",
                         help="stop this sitting after MIN minutes with a checkpoint (--resume continues)")
-    parser.add_argument("--run", type=Path, default=None, help="run folder (default runs/<data>-<variant>)")
+    parser.add_argument("--run", dest="run_dir", type=Path, default=None, help="run folder (default runs/<data>-<variant>)")
     parser.add_argument("--resume", action="store_true", help="continue the run from its last checkpoint")
 
 
-def run_dsrl(args: argparse.Namespace) -> int:
-    """Train (or resume) a DSRL run with a progress bar on rank 0."""
-    from tqdm import tqdm
-
-    from .train_dsrl import DSRLTrainConfig, train_dsrl
-
+def _setup(args: argparse.Namespace) -> tuple[int, LoopConfig]:
+    """Join torchrun's group, set threads, and build the loop config shared by every job."""
     rank, _ = init_distributed()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -72,27 +68,46 @@ def run_dsrl(args: argparse.Namespace) -> int:
         schedule=args.schedule, seed=args.seed, ckpt_every=args.ckpt_every, num_workers=args.workers,
         time_budget_s=None if args.time_budget is None else 60 * args.time_budget,
     )
-    model_overrides = {} if args.sr_channels is None else {"sr_channels": args.sr_channels}
-    cfg = DSRLTrainConfig(
-        data=args.data, variant=args.variant, encoder=args.encoder, output_stride=args.output_stride,
-        crop=tuple(args.crop), scale_range=tuple(args.scale_range), data_scale=args.data_scale, model=model_overrides, loop=loop,
-        command=" ".join(["python -m training", *sys.argv[1:]]) if sys.argv[0].endswith("__main__.py")
-        else " ".join(["finemask", *sys.argv[1:]]),
-    )
-    run = args.run or Path("runs") / f"{args.data}-{args.variant}"
-    bar = tqdm(total=args.steps, desc=f"train {args.variant}", unit="step", disable=rank != 0)
+    return rank, loop
+
+
+def _command_line() -> str:
+    entry = "python -m training" if sys.argv[0].endswith("__main__.py") else "finemask"
+    return " ".join([entry, *sys.argv[1:]])
+
+
+def _train_with_bar(train, cfg, run: Path, args: argparse.Namespace, rank: int, desc: str) -> int:
+    """Run ``train(cfg, run, resume=..., on_progress=...)`` with a tqdm bar and a summary on rank 0."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=args.steps, desc=desc, unit="step", disable=rank != 0)
 
     def progress(step: int, total: int, message: str) -> None:
         bar.n = step
         bar.set_postfix_str(message, refresh=False)
         bar.refresh()
 
-    _, result = train_dsrl(cfg, run, resume=args.resume, on_progress=progress)
+    _, result = train(cfg, run, resume=args.resume, on_progress=progress)
     bar.close()
     if rank == 0:
         state = "finished" if result.finished else "stopped (resume with --resume)"
         print(f"{state} at step {result.step}/{args.steps}, loss {result.last_loss:.4f}; run folder {run}")
     return 0
+
+
+def run_dsrl(args: argparse.Namespace) -> int:
+    """Train (or resume) a DSRL run with a progress bar on rank 0."""
+    from .train_dsrl import DSRLTrainConfig, train_dsrl
+
+    rank, loop = _setup(args)
+    model_overrides = {} if args.sr_channels is None else {"sr_channels": args.sr_channels}
+    cfg = DSRLTrainConfig(
+        data=args.data, variant=args.variant, encoder=args.encoder, output_stride=args.output_stride,
+        crop=tuple(args.crop), scale_range=tuple(args.scale_range), data_scale=args.data_scale,
+        model=model_overrides, loop=loop, command=_command_line(),
+    )
+    run = args.run_dir or Path("runs") / f"{args.data}-{args.variant}"
+    return _train_with_bar(train_dsrl, cfg, run, args, rank, f"train {args.variant}")
 
 
 def add_refine_arguments(parser: argparse.ArgumentParser) -> None:
@@ -110,31 +125,15 @@ def add_refine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--ckpt-every", type=int, default=500)
     parser.add_argument("--time-budget", type=float, default=None, metavar="MIN")
-    parser.add_argument("--run", type=Path, default=Path("runs") / "refine")
+    parser.add_argument("--run", dest="run_dir", type=Path, default=Path("runs") / "refine")
     parser.add_argument("--resume", action="store_true")
 
 
 def run_refine(args: argparse.Namespace) -> int:
     """Train (or resume) the refinement module with a progress bar on rank 0."""
-    from tqdm import tqdm
-
     from .train_refine import RefineTrainConfig, train_refine
 
-    rank, _ = init_distributed()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    loop = LoopConfig(
-        steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-        schedule=args.schedule, seed=args.seed, ckpt_every=args.ckpt_every, num_workers=args.workers,
-        time_budget_s=None if args.time_budget is None else 60 * args.time_budget,
-    )
+    rank, loop = _setup(args)
     cfg = RefineTrainConfig(backbone=args.backbone, sources=tuple(args.sources),
-                            crops_per_epoch=args.crops_per_epoch, loop=loop, command=" ".join(sys.argv))
-    bar = tqdm(total=args.steps, desc=f"train refine-{args.backbone}", unit="step", disable=rank != 0)
-    _, result = train_refine(cfg, args.run, resume=args.resume,
-                             on_progress=lambda s, t, m: (setattr(bar, "n", s), bar.set_postfix_str(m)))
-    bar.close()
-    if rank == 0:
-        state = "finished" if result.finished else "stopped (resume with --resume)"
-        print(f"{state} at step {result.step}/{args.steps}, loss {result.last_loss:.4f}; run folder {args.run}")
-    return 0
+                            crops_per_epoch=args.crops_per_epoch, loop=loop, command=_command_line())
+    return _train_with_bar(train_refine, cfg, args.run_dir, args, rank, f"train refine-{args.backbone}")

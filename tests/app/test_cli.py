@@ -99,3 +99,13 @@ def test_refine_and_segment_refine(tmp_path, model_dir, refiner_dir):
                  "--refiner", str(refiner_dir)]) == 0
     refined = read_labels(seg_out)
     assert refined.shape == (60, 90) and refined.max() < 3
+
+
+@pytest.mark.parametrize("job", ["dsrl", "refine"])
+def test_train_run_folder_option_does_not_shadow_the_command(job):
+    from pathlib import Path
+
+    from app.cli import build_parser
+
+    args = build_parser().parse_args(["train", job, "--run", "somewhere", "--steps", "5"])
+    assert callable(args.run) and args.run_dir == Path("somewhere") and args.steps == 5
