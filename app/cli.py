@@ -14,6 +14,8 @@ COMMANDS = {
     "demo": "app.commands.demo",
     "train": "app.commands.train",
     "evaluate": "app.commands.evaluate",
+    "store": "app.commands.store",
+    "finetune": "app.commands.finetune",
 }
 
 

@@ -80,6 +80,18 @@ def confusion_matrix(pred: np.ndarray, gt: np.ndarray, num_classes: int,
     return cm.reshape(num_classes, num_classes)
 
 
+def confusion_matrix_open(pred: np.ndarray, gt: np.ndarray, num_classes: int,
+                          ignore_index: int | None = 255) -> np.ndarray:
+    """Like :func:`confusion_matrix`, for predictions that may hold ids outside [0, C).
+
+    Such predictions (a model with more classes than the data) are counted in an extra last
+    column, so they are misses of their pixel's true class. Returns int64 (C + 1, C + 1).
+    """
+    pred = np.asarray(pred)
+    pred = np.where((pred >= 0) & (pred < num_classes), pred, num_classes)
+    return confusion_matrix(pred, gt, num_classes + 1, ignore_index)
+
+
 def miou(cm: np.ndarray) -> tuple[float, np.ndarray]:
     """(mean IoU over classes with a non-empty union, per-class IoU with NaN for empty ones)."""
     cm = np.asarray(cm, dtype=np.float64)

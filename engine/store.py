@@ -214,6 +214,23 @@ class Store:
         return int(self._manifest["settings"]["history_limit"])
 
     @property
+    def class_names(self) -> list[str] | None:
+        """Names of the store's class ids (index = id), or None until someone sets them."""
+        self._refresh()
+        names = self._manifest["settings"].get("class_names")
+        return None if names is None else list(names)
+
+    def set_class_names(self, names: Iterable[str]) -> None:
+        """Name the store's class ids (index = id); fine-tuned models take these names."""
+        names = [str(n) for n in names]
+        if not names or any(not n.strip() for n in names):
+            raise FineMaskError("class names must be a non-empty list of non-empty names", self.root)
+        with self._locked():
+            manifest = self._read_manifest()
+            manifest["settings"]["class_names"] = names
+            self._write_manifest(manifest)
+
+    @property
     def problems(self) -> list[StoreProblem]:
         """Files the store cannot use (orphans, missing or altered files), as last checked."""
         self._refresh()

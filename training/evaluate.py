@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.metrics import confusion_matrix, miou
+from engine.metrics import confusion_matrix_open, miou
 from engine.segment import Segmenter
 
 ProgressFn = Callable[[int, int, str], None]
@@ -41,14 +41,17 @@ def evaluate_segmenter(
 ) -> SegmentationScores:
     """mIoU of ``segmenter`` over ``dataset`` (items ``(image, labels)`` with ``ignore_index``)."""
     classes = list(dataset.classes)
-    cm = np.zeros((len(classes), len(classes)), np.int64)
+    n = len(classes)
+    cm = np.zeros((n + 1, n + 1), np.int64)  # last column: predicted ids the data does not have
     for i in range(len(dataset)):
         image, labels = dataset[i]
         pred = segmenter.predict(image, working_size).labels
-        cm += confusion_matrix(pred, labels, len(classes), dataset.ignore_index)
+        cm += confusion_matrix_open(pred, labels, n, dataset.ignore_index)
         if on_progress is not None:
             on_progress(i + 1, len(dataset), "evaluated")
-    mean, per_class = miou(cm)
+    per_class = miou(cm)[1][:n]
+    valid = ~np.isnan(per_class)
+    mean = float(per_class[valid].mean()) if valid.any() else float("nan")
     return SegmentationScores(
         miou=mean,
         per_class={c: float(v) for c, v in zip(classes, per_class)},

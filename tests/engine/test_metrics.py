@@ -157,3 +157,14 @@ def test_binary_dilation_matches_the_kernel_definition(shape, radius):
             if 0 <= yy < h and 0 <= xx < w:
                 expect[yy, xx] = True
     np.testing.assert_array_equal(binary_dilation(m, radius), expect)
+
+
+def test_open_confusion_matrix_counts_unknown_predictions_as_misses():
+    from engine.metrics import confusion_matrix_open
+
+    gt = np.array([[0, 0, 1, 1]])
+    pred = np.array([[0, 7, 1, 1]])  # 7: a class the data does not have
+    cm = confusion_matrix_open(pred, gt, 2, None)
+    assert cm.shape == (3, 3) and cm[0, 2] == 1 and cm[0, 0] == 1 and cm[1, 1] == 2
+    per_class = miou(cm)[1]
+    assert per_class[0] == pytest.approx(0.5) and per_class[1] == pytest.approx(1.0)

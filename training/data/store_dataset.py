@@ -1,0 +1,56 @@
+"""The pairs of an annotation store as a segmentation dataset, at the scale a model sees them."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from engine.store import PairRecord, Store
+from training.augment import resize_image, resize_labels
+
+from .readers import SegmentationDataset
+
+#: Ignore value when the store marks no pixels as unlabelled: never a class id (uint16 labels).
+NO_IGNORE = 65535
+
+
+class StoreDataset(SegmentationDataset):
+    """Items ``(image float32 (H, W, 3) in [0, 1], labels int64 (H, W))`` of some store pairs.
+
+    ``longer_side``: each pair is resized (image anti-aliased, labels nearest) so that its longer
+    side has this many pixels: a DSRL model's output size (twice its working size), so training
+    sees objects at the scale inference will. None keeps the stored size. Items are decoded
+    once and kept in memory as uint8.
+    """
+
+    def __init__(self, store: Store, pairs: Sequence[PairRecord], classes: Sequence[str],
+                 palette: Sequence[Sequence[int]] | None = None, ignore_index: int | None = None,
+                 longer_side: int | None = None):
+        super().__init__(f"store {store.root.name}", [p.image_path for p in pairs], classes, palette,
+                         NO_IGNORE if ignore_index is None else ignore_index)
+        self.store, self.pairs, self.longer_side = store, list(pairs), longer_side
+        self._items: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def stem(self, index: int) -> str:
+        return self.pairs[index].id
+
+    def _item(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        if index not in self._items:
+            image, labels = self.store.load(self.pairs[index].id)
+            if self.longer_side is not None:
+                f = self.longer_side / max(labels.shape)
+                shape = (max(1, round(labels.shape[0] * f)), max(1, round(labels.shape[1] * f)))
+                if shape != labels.shape:
+                    image, labels = resize_image(image, shape), resize_labels(labels, shape)
+            self._items[index] = (np.round(image * 255.0).astype(np.uint8), labels.astype(np.int64))
+        return self._items[index]
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        image, labels = self._item(index)
+        return image.astype(np.float32) / 255.0, labels.copy()
+
+    def load_labels(self, index: int, shape: tuple[int, int] | None = None) -> np.ndarray:
+        return self._item(index)[1].copy()
+
+
+__all__ = ["NO_IGNORE", "StoreDataset"]
