@@ -39,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
     def progress(done: int, total: int, message: str) -> None:
         if message.startswith("step "):
             bar.total, bar.n = total, done
+            bar.set_description_str("fine-tune", refresh=False)
             bar.set_postfix_str(message.split(" · ", 1)[1], refresh=False)
         else:
             bar.set_description_str(message, refresh=False)
