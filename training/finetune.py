@@ -53,7 +53,8 @@ class FinetuneConfig:
     normally (whichever comes first). ``crop``: (height, width) of the training crops at the
     model's output scale (DSRL) ; refiners always use 224x224 crops. ``ignore_index``: label
     value that marks unlabelled pixels (never a class). ``name``: the version's name (default
-    ``<base>-ft<N>``).
+    ``<base>-ft<N>``). ``input_size``: a new working size (width, height) for a segmenter, say to
+    move a street-scene model to 4K fundus images; training then sees the data at that scale.
     """
 
     steps: int = 300
@@ -64,6 +65,7 @@ class FinetuneConfig:
     seed: int = 0
     ignore_index: int | None = None
     name: str | None = None
+    input_size: tuple[int, int] | None = None
     ckpt_every: int = 25
     log_every: int = 5
 
@@ -227,10 +229,11 @@ class SegmentationJob:
                                 f"e.g. {bad[0]!r})", Path(card.name))
         # a base saved for inference only lacks the SISR branch: that part starts from scratch
         self.classes, self.palette = _class_names(card, store, num_classes)
+        input_size = list(cfg.input_size) if cfg.input_size else card.input_size
         self.card = ModelCard(name=card.name, task="segmentation", architecture="dsrl", config=config.to_dict(),
-                              classes=self.classes, palette=self.palette, input_size=card.input_size)
+                              classes=self.classes, palette=self.palette, input_size=input_size)
         self.ignore = ignore
-        self.working = int(max(card.input_size or [480, 360]))
+        self.working = int(max(input_size or [480, 360]))
         data = StoreDataset(store, store.pairs("train"), self.classes, self.palette, ignore, 2 * self.working)
         crop = tuple(_round_to(c, 2 * self.model.pad_multiple) for c in cfg.crop)
         self.train_data = EpochKeyed(DSRLPairs(data, DSRLPairConfig(

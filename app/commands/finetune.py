@@ -17,6 +17,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="training crop at the model's output scale (segmentation models)")
     p.add_argument("--ignore-index", type=int, default=None, help="label value of unlabelled pixels (e.g. 255)")
     p.add_argument("--name", default=None, help="name of the new version (default <base>-ftN)")
+    p.add_argument("--input-size", type=int, nargs=2, default=None, metavar=("W", "H"),
+                   help="new working size of a segmenter (default: the base model's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     p.add_argument("--fresh", action="store_true", help="start over instead of resuming an interrupted run")
@@ -33,7 +35,8 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     cfg = FinetuneConfig(steps=args.steps, time_budget_s=None if args.minutes is None else 60 * args.minutes,
                          batch_size=args.batch_size, lr=args.lr, crop=tuple(args.crop), seed=args.seed,
-                         ignore_index=args.ignore_index, name=args.name)
+                         ignore_index=args.ignore_index, name=args.name,
+                         input_size=None if args.input_size is None else tuple(args.input_size))
     bar = tqdm(total=args.steps, unit="step", desc="fine-tune")
 
     def progress(done: int, total: int, message: str) -> None:

@@ -40,11 +40,12 @@ def test_store_add_info_classes_and_finetune(tmp_path, capsys):
 
     base = make_tiny_segmenter(tmp_path / "base", num_classes=2, input_size=(32, 24))
     code = main(["finetune", str(store_dir), "--base", str(base), "--steps", "4", "--batch-size", "2",
-                 "--crop", "64", "64", "--name", "mine"])
+                 "--crop", "64", "64", "--name", "mine", "--input-size", "40", "30"])
     out = capsys.readouterr().out
     assert code == 0 and "wrote" in out and "miou" in out
     (name, folder, card), = list_versions(store)
     assert name == "mine" and read_card(folder).classes == ["ground", "thing"] and card.training["steps"] == 4
+    assert card.input_size == [40, 30]  # the new working size
 
 
 def test_finetune_errors_are_one_line(tmp_path, capsys):
