@@ -20,7 +20,8 @@ Concurrency. Every change takes the store's lock file, re-reads the manifest und
 it and writes it back, so two processes (say the napari plugin and the web app) never lose each
 other's updates. Readers need no lock: they only ever see a whole manifest.
 
-Splits. Each pair gets a split when it is added and keeps it forever (see :func:`assign_split`).
+Splits. Each pair gets a split when it is added and keeps it forever (see :func:`assign_split`):
+about one pair in five goes to validation, chosen by image hash, and never more than that share.
 """
 from __future__ import annotations
 
@@ -124,19 +125,22 @@ def assign_split(image_sha256: str, existing: Iterable[dict[str, Any]], fraction
 
     1. an image already in the store gets the split of that pair (no image in both splits);
     2. else the pair goes to validation when its :func:`split_score` (the leading bits of the image
-       SHA-256 read as a fraction in [0, 1)) is below ``fraction`` (stable: same image, same split);
+       SHA-256 read as a fraction in [0, 1)) is below ``fraction`` and validation holds fewer
+       than ``floor(fraction * n)`` of the ``n`` pairs the store will hold (so a small store
+       keeps its first pairs for training, and chance never puts most pairs in validation);
     3. else, if the store will hold ``MIN_PAIRS_FOR_VALIDATION`` or more pairs and none is in
-       validation yet, the pair goes to validation (so a store of 5 has at least one; this pair
-       only is order-dependent, and rule 1 may postpone it when that pair repeats a train image);
+       validation yet, the pair goes to validation (so a store of 5 has at least one);
     4. else train.
     """
     existing = list(existing)
     for rec in existing:
         if rec["image_sha256"] == image_sha256:
             return rec["split"]
-    if split_score(image_sha256) < fraction:
+    n = len(existing) + 1
+    in_validation = sum(r["split"] == "validation" for r in existing)
+    if split_score(image_sha256) < fraction and in_validation < int(fraction * n + 1e-9):
         return "validation"
-    if len(existing) + 1 >= MIN_PAIRS_FOR_VALIDATION and not any(r["split"] == "validation" for r in existing):
+    if n >= MIN_PAIRS_FOR_VALIDATION and in_validation == 0:
         return "validation"
     return "train"
 
