@@ -60,3 +60,46 @@ def export_dsrl_run(
     return export_segmenter(model, to, name=name, classes=train.classes, palette=train.palette,
                             input_size=input_size, training=training, metrics=metrics, half=half,
                             overwrite=overwrite)
+
+
+def export_refine_run(
+    run_dir: str | Path,
+    to: str | Path,
+    *,
+    name: str,
+    command: str = "",
+    metrics: dict | None = None,
+    half: bool = True,
+    overwrite: bool = False,
+) -> Path:
+    """Export a refinement run's latest state to the model folder ``to``."""
+    import json
+
+    from engine.models.refine import RefinerConfig, build_refinement_module
+
+    from .train_refine import export_refiner
+
+    cfg = json.loads((Path(run_dir) / "train_config.json").read_text())
+    state = load_state(Path(run_dir) / "state")
+    model = build_refinement_module(RefinerConfig(backbone=cfg["backbone"], **cfg.get("model", {})))
+    model.load_state_dict(state["model"])
+    training = {
+        "sources": list(cfg["sources"]),
+        "steps": int(state["step"]),
+        "batch_size": cfg["loop"]["batch_size"],
+        "command": cfg.get("command") or "(not recorded)",
+        "export_command": command,
+    }
+    return export_refiner(model, to, name=name, training=training, metrics=metrics, half=half, overwrite=overwrite)
+
+
+def run_kind(run_dir: str | Path) -> str:
+    """``"dsrl"`` or ``"refine"``: what the run in ``run_dir`` trains."""
+    import json
+
+    from engine.errors import FineMaskError
+
+    path = Path(run_dir) / "train_config.json"
+    if not path.is_file():
+        raise FineMaskError("not a training run folder (no train_config.json)", Path(run_dir))
+    return "refine" if "backbone" in json.loads(path.read_text()) else "dsrl"

@@ -50,3 +50,20 @@ def test_loss_falls_and_export_loads(tmp_path):
         got = loaded(image, coarse * 2 - 1)["pass3_os1"]
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
     assert (tmp_path / "run" / "log.csv").exists()
+
+
+def test_run_export_writes_the_runs_last_state(tmp_path):
+    from app.cli import main
+    from engine.checkpoints import load_checkpoint
+    from training.resume import load_state
+
+    cfg = RefineTrainConfig(model=TINY, loop=LoopConfig(steps=3, batch_size=2, ckpt_every=100))
+    train_refine(cfg, tmp_path / "run", crops=Disks())
+    assert main(["train", "export", str(tmp_path / "run"), "--to", str(tmp_path / "m"), "--name", "r"]) == 0
+    state, card = load_checkpoint(tmp_path / "m")
+    saved = load_state(tmp_path / "run" / "state")["model"]
+    assert card.task == "refinement" and card.training["steps"] == 3
+    for key, value in saved.items():  # floats stored in float16: equal to fp16 precision
+        expected = value.half().float() if value.is_floating_point() else value
+        torch.testing.assert_close(state[key], expected, atol=0, rtol=0)
+    assert main(["train", "export", str(tmp_path), "--to", str(tmp_path / "x"), "--name", "x"]) == 2
