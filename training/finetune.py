@@ -144,7 +144,9 @@ def finetune(
     report = on_progress or (lambda done, total, message: None)
     before = job.evaluate_base(base_path, val_pairs, _phase(report, "evaluating the base model"))
 
-    loop = LoopConfig(steps=cfg.steps, batch_size=min(cfg.batch_size, len(train_pairs)), lr=cfg.lr,
+    if cfg.batch_size < 2:
+        raise FineMaskError(f"the batch must hold at least 2 crops (BatchNorm), got {cfg.batch_size}")
+    loop = LoopConfig(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
                       schedule="poly", seed=cfg.seed, ckpt_every=cfg.ckpt_every, log_every=cfg.log_every,
                       time_budget_s=cfg.time_budget_s)
     key = _run_key(base_path, store.content_hash(), cfg, loop)
@@ -234,7 +236,8 @@ class SegmentationJob:
                               classes=self.classes, palette=self.palette, input_size=input_size)
         self.ignore = ignore
         self.working = int(max(input_size or [480, 360]))
-        data = StoreDataset(store, store.pairs("train"), self.classes, self.palette, ignore, 2 * self.working)
+        data = StoreDataset(store, store.pairs("train"), self.classes, self.palette, ignore, 2 * self.working,
+                            min_length=cfg.batch_size)
         crop = tuple(_round_to(c, 2 * self.model.pad_multiple) for c in cfg.crop)
         self.train_data = EpochKeyed(DSRLPairs(data, DSRLPairConfig(
             crop_size=crop, scale_range=(0.75, 1.25), pad_multiple=self.model.pad_multiple, seed=cfg.seed)))

@@ -20,21 +20,27 @@ class StoreDataset(SegmentationDataset):
     ``longer_side``: each pair is resized (image anti-aliased, labels nearest) so that its longer
     side has this many pixels: a DSRL model's output size (twice its working size), so training
     sees objects at the scale inference will. None keeps the stored size. Items are decoded
-    once and kept in memory as uint8.
+    once and kept in memory as uint8. ``min_length``: the dataset repeats its pairs to at least
+    this many items (a batch needs two or more crops for BatchNorm, even from a single pair).
     """
 
     def __init__(self, store: Store, pairs: Sequence[PairRecord], classes: Sequence[str],
                  palette: Sequence[Sequence[int]] | None = None, ignore_index: int | None = None,
-                 longer_side: int | None = None):
+                 longer_side: int | None = None, min_length: int = 1):
         super().__init__(f"store {store.root.name}", [p.image_path for p in pairs], classes, palette,
                          NO_IGNORE if ignore_index is None else ignore_index)
         self.store, self.pairs, self.longer_side = store, list(pairs), longer_side
+        self.length = max(len(self.pairs), int(min_length))
         self._items: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
+    def __len__(self) -> int:
+        return self.length
+
     def stem(self, index: int) -> str:
-        return self.pairs[index].id
+        return self.pairs[index % len(self.pairs)].id
 
     def _item(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        index %= len(self.pairs)
         if index not in self._items:
             image, labels = self.store.load(self.pairs[index].id)
             if self.longer_side is not None:
