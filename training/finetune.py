@@ -4,7 +4,8 @@
 model's own loss (DSRL: CE + 0.1 MSE + 1.0 FA with its SISR branch; refiner: the cascade loss
 on 224x224 crops of the corrected masks with perturbed coarse inputs), evaluates base and new
 model on the store's validation pairs, and writes the new version atomically to
-``<store>/models/<name>/``. The base is only read.
+``<store>/models/<name>/`` (weights, card, and the run's ``log.csv`` and ``loss.png``). The
+base is only read.
 
 Resumable: the run's state lives in ``<store>/models/.runs/<key>/`` where the key names the
 base weights, the store content and the settings; calling ``finetune`` again with the same
@@ -27,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from engine.atomic import atomic_write_bytes
 from engine.checkpoints import ModelCard, load_checkpoint, read_card, resolve
 from engine.errors import FineMaskError
 from engine.filelock import FileLock
@@ -186,6 +188,9 @@ def finetune(
         }
         path = job.export(models_dir(store) / name, name=name, parent=card.name or str(base_path),
                           metrics={"before": before, "after": after}, training=training)
+        for log in ("log.csv", "loss.png"):  # the loss curve stays with the version it made
+            if (run_dir / log).is_file():
+                atomic_write_bytes(path / log, (run_dir / log).read_bytes())
         shutil.rmtree(run_dir, ignore_errors=True)
         return FinetuneResult(path, name, result.step, True, before, after, result.history, None, seconds)
     finally:

@@ -77,7 +77,8 @@ def test_loss_falls_base_untouched_and_version_written(tmp_path):
     assert card.training["steps"] == 60 and card.metrics["after"]["miou"] == res.after["miou"]
     assert [v[0] for v in list_versions(store)] == ["tiny-ft1"]
     assert not list((models_dir(store) / ".runs").glob("*/state"))  # the run's state is gone once exported
-    assert (res.model_path / "model.safetensors").is_file()
+    assert (res.model_path / "model.safetensors").is_file() and (res.model_path / "loss.png").is_file()
+    assert (res.model_path / "log.csv").read_text().count("\n") == 61  # header + one row per step
     # progress: evaluation phases and every training step, with loss and ETA
     train_msgs = [m for d, t, m in seen if m.startswith("step ")]
     assert len(train_msgs) == 60 and "loss" in train_msgs[-1] and "ETA" in train_msgs[-1]
