@@ -1,0 +1,4 @@
+"""``python -m app.web``: start the FineMask web app (see ``--help``)."""
+from .server import main
+
+raise SystemExit(main())

@@ -1,0 +1,554 @@
+"""The Gradio page and API of the web app: ``python -m app.web`` (see ``main``).
+
+Layout: an image column (upload or example, model, working size, Segment, Refine, Cancel, status)
+and tabs for the result (overlay and class legend), the uncertainty map, the before/after
+slider, the correction editor (save to the annotation store) and fine-tuning. Labels are
+offered for download as TIFF and palette PNG.
+
+API (``gradio_client``): named endpoints ``/segment``, ``/refine``, ``/save``, ``/finetune``,
+``/cancel`` and ``/models`` take files and plain values, no session state; the page's own
+events are private. Every endpoint and button calls the same :class:`~app.web.session.Workbench`.
+
+All model work shares one concurrency group (``--concurrency``, default 1), so however many
+people use the page, at most that many jobs hold memory at once; the rest wait in the queue.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import os
+import shutil
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import numpy as np
+
+from engine.errors import FineMaskError
+
+from .editor import css_colour
+from .render import legend_html, metrics_markdown, overlay_view, uncertainty_view
+from .session import REFINE_MODES, WORKING_SIZE_RANGE, WebConfig, Work, Workbench
+
+log = logging.getLogger("finemask.web")
+ENGINE = "engine"  # concurrency group of all model work
+IO = "io"  # concurrency group of reading uploads
+UPLOAD_TYPES = [".png", ".jpg", ".jpeg", ".tif", ".tiff"]
+API_FILE_MAX_AGE_S = 3600
+
+HELP = """# FineMask
+Segment an image, refine the mask at full resolution, correct it with the brush, save it to
+the annotation store, and fine-tune the model on your corrections. Everything runs on this
+machine; nothing is sent anywhere."""
+
+
+# --------------------------------------------------------------------------------------------
+# Glue between engine callbacks and Gradio
+
+
+class CancelFlags:
+    """One cancel flag per browser session (or API client); a job clears it when it starts."""
+
+    def __init__(self) -> None:
+        self._flags: dict[str, threading.Event] = {}
+        self._lock = threading.Lock()
+
+    def start(self, session: str | None) -> Callable[[], bool]:
+        flag = threading.Event()
+        with self._lock:
+            self._flags[session or ""] = flag
+        return flag.is_set
+
+    def cancel(self, session: str | None) -> bool:
+        with self._lock:
+            flag = self._flags.get(session or "")
+        if flag is None or flag.is_set():
+            return False
+        flag.set()
+        return True
+
+
+def _session(request: gr.Request | None) -> str:
+    return getattr(request, "session_hash", None) or ""
+
+
+def _reporter(progress: gr.Progress) -> Callable[[int, int, str], None]:
+    def report(done: int, total: int, message: str) -> None:
+        progress((int(done), max(int(total), 1)), desc=message)
+
+    return report
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Turn every failure into a message in the page (the server keeps running).
+
+    FineMaskError (bad file, unknown model, ...) shows its text, which names the file;
+    cancellation says so; anything else is logged with its traceback and summarised.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from engine.refine import RefinementCancelled
+
+        try:
+            return fn(*args, **kwargs)
+        except gr.Error:
+            raise
+        except FineMaskError as exc:
+            raise gr.Error(str(exc), title="FineMask", print_exception=False) from None
+        except (InterruptedError, RefinementCancelled):
+            raise gr.Error("Cancelled.", title="Cancelled", print_exception=False) from None
+        except MemoryError:
+            raise gr.Error("Not enough memory for this image: try a smaller working size or image.",
+                           title="Out of memory", print_exception=False) from None
+        except Exception as exc:  # a bug: keep the server up and say what happened
+            log.exception("unexpected error in %s", fn.__name__)
+            raise gr.Error(f"Unexpected error ({type(exc).__name__}: {exc}). The server log has the details.",
+                           print_exception=False) from None
+
+    return wrapper
+
+
+# --------------------------------------------------------------------------------------------
+# The page
+
+
+def build_app(config: WebConfig | None = None, *, model: str | Path | None = None,
+              refiner: str | Path | None = None, store: Any = None,
+              workbench: Workbench | None = None) -> gr.Blocks:
+    """Build the page. ``model``/``refiner``/``store`` override the config (tests pass tiny models).
+
+    The returned Blocks carries the :class:`Workbench` as ``.finemask``; start it with :func:`launch`.
+    """
+    bench = workbench or Workbench(config, model=model, refiner=refiner, store=store)
+    cfg = bench.config
+    flags = CancelFlags()
+    seg_choices = bench.model_choices("segmentation")
+    ref_choices = bench.model_choices("refinement")
+
+    def all_choices() -> list[tuple[str, str]]:
+        return [(f"{label} · {task}", key) for task in ("segmentation", "refinement")
+                for label, key in bench.model_choices(task)]
+
+    def brush_for(work: Work | None) -> gr.Brush:
+        colours = bench.brush_colours(work) if work is not None and work.classes else _default_colours(bench)
+        return gr.Brush(colors=[css_colour(c) for c in colours], color_mode="fixed")
+
+    def views(work: Work | None, status: str = "") -> tuple:
+        """Values of every output that shows ``work``."""
+        if work is None:
+            return (None, None, None, None, "", None, None, status or bench.store_summary())
+        shown = overlay_view(work.image, work.labels, work.palette, cfg.display_max_side)
+        uncertainty = None if work.uncertainty is None else uncertainty_view(work.uncertainty, cfg.display_max_side)
+        slider = None
+        if work.before is not None:
+            slider = (overlay_view(work.image, work.before, work.palette, cfg.display_max_side), shown)
+        legend = legend_html(work.classes, work.palette, work.labels) if work.labels is not None else ""
+        editor = None
+        if work.labels is not None:
+            background = overlay_view(work.image, work.labels, work.palette, cfg.editor_max_side)
+            editor = gr.ImageEditor(value={"background": background, "layers": [], "composite": None},
+                                    brush=brush_for(work))
+        files = [str(p) for p in bench.export(work)] or None
+        lines = [f"**{work.name}** · {work.shape[1]}×{work.shape[0]} px", ""]
+        if status:
+            lines.append(f"- {status}")
+        lines += [f"- {note}" for note in work.notes]
+        if work.model_key:
+            lines.append(f"- model `{work.model_key}`, working size {work.working_size[1]}×{work.working_size[0]}"
+                         if work.working_size else f"- classes of `{work.model_key}`")
+        lines += [f"- {step}: {seconds:.1f} s" for step, seconds in work.seconds.items()]
+        lines += ["", bench.store_summary()]
+        return (work, shown, uncertainty, slider, legend, editor, files, "\n".join(lines))
+
+    # ---------------------------------------------------------------- handlers of the page
+
+    @user_errors
+    def on_upload(path: str | None):
+        if not path:
+            return views(None)
+        work = bench.open_image(path)
+        for note in work.notes:
+            gr.Warning(f"{work.name}: {note}")
+        return views(work, "Image loaded: choose a model and press Segment.")
+
+    def need_image(work: Work | None) -> Work:
+        if work is None:
+            raise FineMaskError("no image yet: upload one or pick an example first")
+        return work
+
+    @user_errors
+    def on_segment(work: Work | None, model_key: str, size: float, request: gr.Request,
+                   progress: gr.Progress = gr.Progress()):
+        work = bench.segment(need_image(work), model_key, int(size), _reporter(progress), flags.start(_session(request)))
+        return views(work, "Segmented. Refine for sharper edges, or correct and save.")
+
+    @user_errors
+    def on_refine(work: Work | None, refiner_key: str | None, mode: str, request: gr.Request,
+                  progress: gr.Progress = gr.Progress()):
+        work = bench.refine(need_image(work), refiner_key, mode, _reporter(progress), flags.start(_session(request)))
+        return views(work, f"Refined ({mode}).")
+
+    def pending_layers(edited: dict | None) -> list[np.ndarray]:
+        return list((edited or {}).get("layers") or [])
+
+    @user_errors
+    def on_apply(work: Work | None, edited: dict | None, request: gr.Request, progress: gr.Progress = gr.Progress()):
+        work = need_image(work)
+        layers = pending_layers(edited)
+        if not layers:
+            gr.Info("Nothing painted yet: pick a class colour and paint over the image.")
+            return views(work)
+        result = bench.apply_edit(work, layers, _reporter(progress), flags.start(_session(request)))
+        snapped = " (edges re-snapped by the refiner)" if result.snapped else ""
+        return views(work, f"Correction applied: {result.changed} pixels changed{snapped}.")
+
+    @user_errors
+    def on_save(work: Work | None, edited: dict | None, request: gr.Request, progress: gr.Progress = gr.Progress()):
+        work = need_image(work)
+        note = ""
+        layers = pending_layers(edited)
+        if layers:
+            result = bench.apply_edit(work, layers, _reporter(progress), flags.start(_session(request)))
+            note = f"{result.changed} pixels corrected; "
+        record = bench.save(work)
+        gr.Info(f"Saved '{record.id}' to the annotation store.")
+        version = _labels_version(record.labels_path)
+        version = f", version {version}" if version and version > 1 else ""
+        return views(work, f"{note}saved as pair `{record.id}` ({record.split}, {record.origin}{version}).")
+
+    @user_errors
+    def on_finetune(base: str, steps: float, minutes: float, request: gr.Request,
+                    progress: gr.Progress = gr.Progress()):
+        result = bench.finetune(base, int(steps), float(minutes or 0), _reporter(progress),
+                                flags.start(_session(request)))
+        text = metrics_markdown(result.before, result.after, result.name)
+        if result.finished:
+            gr.Info(f"New model version '{result.name}' is ready in the model list.")
+        else:
+            gr.Warning("Fine-tuning cancelled; starting it again with the same settings resumes it.")
+        return (text, gr.Dropdown(choices=bench.model_choices("segmentation")),
+                gr.Dropdown(choices=bench.model_choices("refinement")), gr.Dropdown(choices=all_choices()))
+
+    def on_cancel(request: gr.Request):
+        if flags.cancel(_session(request)):
+            gr.Info("Cancelling at the next step…")
+
+    def on_model(model_key: str):
+        return bench.model_working_size(model_key)
+
+    # ---------------------------------------------------------------- handlers of the API
+
+    def api_work(image: str, name_hint: str | None = None) -> Work:
+        _sweep(bench.outdir, API_FILE_MAX_AGE_S)
+        if not image:
+            raise FineMaskError("no image given")
+        return bench.open_image(image)
+
+    def api_outputs(work: Work) -> tuple:
+        files = bench.export(work)
+        tif = str(files[0]) if files else None
+        png = str(files[1]) if len(files) > 1 else None
+        shown = overlay_view(work.image, work.labels, work.palette, cfg.display_max_side)
+        unc = None if work.uncertainty is None else uncertainty_view(work.uncertainty, cfg.display_max_side)
+        return shown, tif, png, unc, work.summary()
+
+    @user_errors
+    def api_segment(image: str, model: str, working_size: float, request: gr.Request,
+                    progress: gr.Progress = gr.Progress()):
+        """Segment an image file. Returns overlay, labels TIFF, labels PNG, uncertainty map, info."""
+        work = api_work(image)
+        bench.segment(work, model or None, int(working_size) if working_size else None, _reporter(progress),
+                      flags.start(_session(request)))
+        return api_outputs(work)
+
+    @user_errors
+    def api_refine(image: str, labels: str, mode: str, refiner: str, model: str, request: gr.Request,
+                   progress: gr.Progress = gr.Progress()):
+        """Refine a label file at full resolution. Returns overlay, labels TIFF, labels PNG, confidence map, info."""
+        work = api_work(image)
+        if not labels:
+            raise FineMaskError("no labels given")
+        bench.set_labels(work, labels, model or None)
+        work.origin = "predicted"
+        bench.refine(work, refiner or None, mode or "fast", _reporter(progress), flags.start(_session(request)))
+        return api_outputs(work)
+
+    @user_errors
+    def api_save(image: str, labels: str, model: str, origin: str):
+        """Save an image and its (corrected) labels to the annotation store. Returns the pair's record."""
+        work = api_work(image)
+        if not labels:
+            raise FineMaskError("no labels given")
+        bench.set_labels(work, labels, model or None)
+        work.origin = origin or "corrected"
+        record = bench.save(work)
+        return {"pair_id": record.id, "split": record.split, "origin": record.origin, "classes": list(record.classes),
+                "store": str(bench.store.root), "pairs": len(bench.store.pairs())}
+
+    @user_errors
+    def api_finetune(base: str, steps: float, minutes: float, request: gr.Request,
+                     progress: gr.Progress = gr.Progress()):
+        """Fine-tune a model on the store. Returns the new version's name and before/after scores."""
+        result = bench.finetune(base or None, int(steps) if steps else None, float(minutes or 0),
+                                _reporter(progress), flags.start(_session(request)))
+        return {"name": result.name, "finished": result.finished, "steps": result.steps,
+                "before": result.before, "after": result.after, "seconds": round(result.seconds, 1)}
+
+    def api_cancel(request: gr.Request):
+        """Cancel this client's running job at its next step."""
+        return {"cancelled": flags.cancel(_session(request))}
+
+    def api_models():
+        """Models on offer and the defaults."""
+        return {"segmentation": [k for _, k in bench.model_choices("segmentation")],
+                "refinement": [k for _, k in bench.model_choices("refinement")],
+                "default_model": bench.default_model, "default_refiner": bench.default_refiner,
+                "refiner_problem": bench.refiner_problem}
+
+    # ---------------------------------------------------------------- layout
+
+    with gr.Blocks(title="FineMask", delete_cache=(1800, 7200)) as demo:
+        work_state = gr.State(None, delete_callback=_forget)
+        gr.Markdown(HELP)
+        with gr.Row():
+            with gr.Column(scale=1, min_width=300):
+                image_file = gr.File(label="Image (PNG, JPEG, TIFF incl. 16-bit)", file_types=UPLOAD_TYPES,
+                                     type="filepath", elem_id="image-file")
+                if cfg.examples:
+                    gr.Examples(examples=[[str(p)] for p in cfg.examples], inputs=[image_file],
+                                label="Examples", elem_id="examples")
+                model_dd = gr.Dropdown(seg_choices, value=bench.default_model, label="Segmentation model",
+                                       elem_id="model")
+                size = gr.Slider(*WORKING_SIZE_RANGE, step=16, value=bench.model_working_size(bench.default_model),
+                                 label="Working size (longer side, px)", elem_id="working-size")
+                segment_btn = gr.Button("Segment", variant="primary", elem_id="segment-btn")
+                refiner_dd = gr.Dropdown(ref_choices, value=bench.default_refiner, label="Refinement model",
+                                         elem_id="refiner", allow_custom_value=False)
+                mode = gr.Radio(list(REFINE_MODES), value="fast", label="Refinement",
+                                info="fast: whole image at reduced size; full: also full-resolution tiles")
+                refine_btn = gr.Button("Refine", elem_id="refine-btn")
+                cancel_btn = gr.Button("Cancel", variant="stop", elem_id="cancel-btn")
+                status = gr.Markdown(bench.store_summary(), elem_id="status")
+                if bench.refiner_problem:
+                    gr.Markdown(f"*{bench.refiner_problem}*", elem_id="refiner-problem")
+            with gr.Column(scale=2):
+                with gr.Tabs():
+                    with gr.Tab("Result", id="result"):
+                        overlay_img = gr.Image(label="Segmentation overlay", type="numpy", interactive=False,
+                                               format="jpeg", elem_id="overlay")
+                        legend = gr.HTML(elem_id="legend")
+                    with gr.Tab("Uncertainty", id="uncertainty"):
+                        uncertainty_img = gr.Image(label="Uncertainty (1 − top class probability; yellow = unsure)",
+                                                   type="numpy", interactive=False, format="jpeg",
+                                                   elem_id="uncertainty")
+                    with gr.Tab("Before / after", id="compare"):
+                        slider = gr.ImageSlider(label="Before / after the last refinement or correction",
+                                                type="numpy", format="jpeg", elem_id="compare")
+                    with gr.Tab("Correct", id="correct"):
+                        gr.Markdown("Paint with a class colour (brush), remove paint with the eraser, then "
+                                    "**Apply** to see the result or **Save** to store it. Large images are "
+                                    "edited on a preview and re-snapped to image edges at full resolution.")
+                        editor = gr.ImageEditor(label="Correction", type="numpy", image_mode="RGBA", sources=(),
+                                                transforms=(), brush=brush_for(None), eraser=gr.Eraser(),
+                                                layers=gr.LayerOptions(allow_additional_layers=False,
+                                                                       layers=["corrections"]),
+                                                format="jpeg", elem_id="editor", interactive=True)
+                        editor_legend = gr.HTML(elem_id="editor-legend")
+                        with gr.Row():
+                            apply_btn = gr.Button("Apply correction", elem_id="apply-btn")
+                            save_btn = gr.Button("Save to store", variant="primary", elem_id="save-btn")
+                    with gr.Tab("Fine-tune", id="finetune"):
+                        base_dd = gr.Dropdown(all_choices(), value=bench.default_model, label="Base model",
+                                              elem_id="ft-base")
+                        with gr.Row():
+                            steps = gr.Slider(1, 5000, step=1, value=cfg.finetune.steps, label="Steps")
+                            minutes = gr.Number(0, label="Time budget (minutes, 0 = none)", minimum=0)
+                        with gr.Row():
+                            ft_btn = gr.Button("Fine-tune on the store", variant="primary", elem_id="ft-btn")
+                            ft_cancel = gr.Button("Cancel", variant="stop", elem_id="ft-cancel")
+                        ft_result = gr.Markdown(elem_id="ft-result")
+                downloads = gr.File(label="Labels (TIFF, palette PNG)", file_count="multiple", interactive=False,
+                                    elem_id="downloads")
+
+        shown = [work_state, overlay_img, uncertainty_img, slider, legend, editor, downloads, status]
+        engine = dict(concurrency_id=ENGINE, api_visibility="private")
+
+        def with_editor_legend(outputs_fn: Callable) -> Callable:
+            """Also copy the legend into the editor tab."""
+            @functools.wraps(outputs_fn)
+            def wrapped(*args: Any, **kwargs: Any) -> tuple:
+                values = outputs_fn(*args, **kwargs)
+                return (*values, values[4])
+            return wrapped
+
+        outs = [*shown, editor_legend]
+        image_file.change(with_editor_legend(on_upload), [image_file], outs, concurrency_id=IO,
+                          concurrency_limit=max(1, cfg.concurrency), api_visibility="private")
+        segment_btn.click(with_editor_legend(on_segment), [work_state, model_dd, size], outs, **engine)
+        refine_btn.click(with_editor_legend(on_refine), [work_state, refiner_dd, mode], outs, **engine)
+        apply_btn.click(with_editor_legend(on_apply), [work_state, editor], outs, **engine)
+        save_btn.click(with_editor_legend(on_save), [work_state, editor], outs, **engine)
+        cancel_btn.click(on_cancel, None, None, queue=False, api_visibility="private")
+        ft_cancel.click(on_cancel, None, None, queue=False, api_visibility="private")
+        model_dd.change(on_model, [model_dd], [size], queue=False, api_visibility="private")
+        ft_btn.click(on_finetune, [base_dd, steps, minutes], [ft_result, model_dd, refiner_dd, base_dd], **engine)
+
+        # API-only endpoints: hidden components give them typed, named parameters.
+        with gr.Group(visible=False):
+            a_image = gr.File(label="image", file_types=UPLOAD_TYPES, type="filepath")
+            a_labels = gr.File(label="labels", file_types=[".tif", ".tiff", ".png"], type="filepath")
+            a_model = gr.Textbox("", label="model")
+            a_refiner = gr.Textbox("", label="refiner")
+            a_mode = gr.Textbox("fast", label="mode")
+            a_origin = gr.Textbox("corrected", label="origin")
+            a_size = gr.Number(0, label="working_size")
+            a_steps = gr.Number(0, label="steps")
+            a_minutes = gr.Number(0, label="minutes")
+            a_overlay = gr.Image(label="overlay", type="numpy", format="jpeg")
+            a_tif = gr.File(label="labels_tif")
+            a_png = gr.File(label="labels_png")
+            a_map = gr.Image(label="uncertainty", type="numpy", format="jpeg")
+            a_info = gr.JSON(label="info")
+            a_button = gr.Button()
+        api = dict(concurrency_id=ENGINE, api_visibility="public")
+        results = [a_overlay, a_tif, a_png, a_map, a_info]
+        a_button.click(api_segment, [a_image, a_model, a_size], results, api_name="segment", **api)
+        a_button.click(api_refine, [a_image, a_labels, a_mode, a_refiner, a_model], results, api_name="refine", **api)
+        a_button.click(api_save, [a_image, a_labels, a_model, a_origin], a_info, api_name="save", **api)
+        a_button.click(api_finetune, [a_model, a_steps, a_minutes], a_info, api_name="finetune", **api)
+        a_button.click(api_cancel, None, a_info, api_name="cancel", queue=False)
+        a_button.click(api_models, None, a_info, api_name="models", queue=False)
+
+    demo.finemask = bench  # type: ignore[attr-defined]
+    return demo
+
+
+def _default_colours(bench: Workbench) -> list[tuple[int, int, int]]:
+    from .editor import brush_colours
+
+    card = bench.registry.entry(bench.default_model, "segmentation").card
+    return brush_colours([list(c) for c in card.palette], max(len(card.classes), 1))
+
+
+def _labels_version(labels_path: Path) -> int | None:
+    """N of the store's ``labels/<id>.v<N>.tif`` file name (counts every save of a pair)."""
+    _, sep, number = labels_path.stem.rpartition(".v")
+    return int(number) if sep and number.isdigit() else None
+
+
+def _forget(work: Work | None) -> None:
+    """Called by Gradio when a session's state expires: remove its download files."""
+    if work is not None:
+        shutil.rmtree(work.outdir, ignore_errors=True)
+
+
+def _sweep(folder: Path, max_age_s: float) -> None:
+    """Remove per-call output folders older than ``max_age_s`` (API calls leave one each)."""
+    now = time.time()
+    for sub in folder.iterdir() if folder.is_dir() else []:
+        try:
+            if sub.is_dir() and now - sub.stat().st_mtime > max_age_s:
+                shutil.rmtree(sub, ignore_errors=True)
+        except OSError:
+            continue
+
+
+# --------------------------------------------------------------------------------------------
+# Serving
+
+
+def launch(demo: gr.Blocks, *, block: bool = True) -> str:
+    """Start the server with the Workbench's settings; print and return the local address.
+
+    Only the bundled examples' folder is served besides Gradio's own upload and cache folders;
+    the annotation store is blocked explicitly. With ``block`` False return at once (tests).
+    """
+    bench: Workbench = demo.finemask  # type: ignore[attr-defined]
+    cfg = bench.config
+    demo.queue(default_concurrency_limit=max(1, cfg.concurrency), max_size=cfg.queue_size)
+    allowed = sorted({str(Path(p).resolve().parent) for p in cfg.examples})
+    _, url, share_url = demo.launch(
+        server_name=cfg.host, server_port=cfg.port, share=cfg.share, auth=cfg.auth,
+        max_file_size=cfg.max_file_size, allowed_paths=allowed, blocked_paths=[str(bench.store.root.resolve())],
+        prevent_thread_lock=True, quiet=True, show_error=True, ssr_mode=False, footer_links=["api", "settings"],
+    )
+    print(f"FineMask web app running on {url}" + (f" (public link: {share_url})" if share_url else ""), flush=True)
+    print(f"annotation store: {bench.store.root}", flush=True)
+    if bench.refiner_problem:
+        print(f"note: {bench.refiner_problem}", flush=True)
+    if block:
+        try:
+            demo.block_thread()
+        finally:
+            bench.close()
+    return url
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m app.web", description="FineMask in the browser: segment, refine, "
+                                "correct and fine-tune on this machine.")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    p.add_argument("--share", action="store_true", help="also open a temporary public gradio.live link (needs internet)")
+    p.add_argument("--auth", metavar="USER:PASSWORD", default=os.environ.get("FINEMASK_WEB_AUTH"),
+                   help="require this login (or set $FINEMASK_WEB_AUTH, which other users cannot see in ps)")
+    p.add_argument("--store", type=Path, default=None, help="annotation store folder (default: in the user data folder)")
+    p.add_argument("--model", default="camvid", help="default segmentation model: shipped name or folder (camvid)")
+    p.add_argument("--refiner", default="refine-light", help="default refinement model (refine-light)")
+    p.add_argument("--max-pixels", type=int, default=None,
+                   help=f"largest image in pixels (default $FINEMASK_MAX_PIXELS or {8192 * 8192:,})")
+    p.add_argument("--max-file-size", default="500mb", help="largest upload, e.g. 500mb (default)")
+    p.add_argument("--concurrency", type=int, default=1, help="model jobs running at once over all users (1)")
+    p.add_argument("--editor-size", type=int, default=1280,
+                   help="longest side of the image in the correction editor; larger images are edited on a preview")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
+    return p.parse_args(argv)
+
+
+def config_from_args(args: argparse.Namespace) -> WebConfig:
+    auth = None
+    if args.auth:
+        user, sep, password = args.auth.partition(":")
+        if not sep or not user or not password:
+            raise FineMaskError("--auth must look like user:password")
+        auth = (user, password)
+    cfg = WebConfig(host=args.host, port=args.port, share=args.share, auth=auth, model=args.model,
+                    refiner=args.refiner, max_pixels=args.max_pixels, max_file_size=args.max_file_size,
+                    concurrency=max(1, args.concurrency), editor_max_side=args.editor_size, device=args.device)
+    if args.store is not None:
+        cfg.store = args.store
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = config_from_args(args)
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        print("loading models…", flush=True)
+        demo = build_app(cfg)
+    except FineMaskError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    # Stop cleanly on SIGTERM too (service managers, `kill`), so the download folder is removed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        launch(demo, block=True)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+__all__ = ["CancelFlags", "build_app", "config_from_args", "launch", "main", "parse_args", "user_errors"]
