@@ -172,7 +172,7 @@ def finetune(
             return False
 
         result = train_loop(job.model, job.loss_fn, job.train_data, loop, run_dir, params=job.params(cfg.lr),
-                            resume=resume, collate_fn=job.collate_fn, on_progress=_with_eta(report, cfg),
+                            resume=resume, on_progress=_with_eta(report, cfg),
                             cancel=stop)
         if cancelled:
             return FinetuneResult(None, None, result.step, False, before, {}, result.history, run_dir,
@@ -247,7 +247,6 @@ class SegmentationJob:
         self.train_data = EpochKeyed(DSRLPairs(data, DSRLPairConfig(
             crop_size=crop, scale_range=(0.75, 1.25), pad_multiple=self.model.pad_multiple, seed=cfg.seed)))
         self.loss_fn = make_loss(config, data.ignore_index)
-        self.collate_fn = None
         self.store = store
 
     def params(self, lr: float) -> list:
@@ -299,7 +298,6 @@ class RefinementJob:
         crops = RefineCropConfig(seed=cfg.seed)
         self.train_data = EpochKeyed(RefineCrops([ClassMaskSource(data)], length=max(64, cfg.batch_size * 16),
                                                  config=crops))
-        self.collate_fn = None
         self.card, self.store = card, store
 
     def params(self, lr: float) -> list:

@@ -8,13 +8,13 @@ import numpy as np
 from engine.store import PairRecord, Store
 from training.augment import resize_image, resize_labels
 
-from .readers import SegmentationDataset
+from .readers import CachedDataset, SegmentationDataset
 
 #: Ignore value when the store marks no pixels as unlabelled: never a class id (uint16 labels).
 NO_IGNORE = 65535
 
 
-class StoreDataset(SegmentationDataset):
+class StoreDataset(CachedDataset):
     """Items ``(image float32 (H, W, 3) in [0, 1], labels int64 (H, W))`` of some store pairs.
 
     ``longer_side``: each pair is resized (image anti-aliased, labels nearest) so that its longer
@@ -27,8 +27,10 @@ class StoreDataset(SegmentationDataset):
     def __init__(self, store: Store, pairs: Sequence[PairRecord], classes: Sequence[str],
                  palette: Sequence[Sequence[int]] | None = None, ignore_index: int | None = None,
                  longer_side: int | None = None, min_length: int = 1):
-        super().__init__(f"store {store.root.name}", [p.image_path for p in pairs], classes, palette,
-                         NO_IGNORE if ignore_index is None else ignore_index)
+        # CachedDataset's item cache and accessors, filled from the store instead of a base dataset
+        SegmentationDataset.__init__(self, f"store {store.root.name}", [p.image_path for p in pairs], classes,
+                                     palette, NO_IGNORE if ignore_index is None else ignore_index)
+        self.base, self.scale = None, 1.0
         self.store, self.pairs, self.longer_side = store, list(pairs), longer_side
         self.length = max(len(self.pairs), int(min_length))
         self._items: dict[int, tuple[np.ndarray, np.ndarray]] = {}
@@ -50,13 +52,6 @@ class StoreDataset(SegmentationDataset):
                     image, labels = resize_image(image, shape), resize_labels(labels, shape)
             self._items[index] = (np.round(image * 255.0).astype(np.uint8), labels.astype(np.int64))
         return self._items[index]
-
-    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        image, labels = self._item(index)
-        return image.astype(np.float32) / 255.0, labels.copy()
-
-    def load_labels(self, index: int, shape: tuple[int, int] | None = None) -> np.ndarray:
-        return self._item(index)[1].copy()
 
 
 __all__ = ["NO_IGNORE", "StoreDataset"]
