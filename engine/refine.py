@@ -456,18 +456,28 @@ class Refiner:
         for b0 in range(0, len(chosen), bs):
             _check_cancel(cancel)
             batch = chosen[b0:b0 + bs]
-            img = torch.stack([torch.from_numpy(_unit_rgb(image[t.crop])).permute(2, 0, 1) for t in batch])
-            seg = torch.stack([(glob.region(t, "os1") > 0.5).float() * 2 - 1 for t in batch])[:, None]
-            prev = torch.stack([glob.region(t, "os4") * 2 - 1 for t in batch])[:, None]
-            img = normalise_image(img.to(self.device))
-            out = self._forward(img, seg.to(self.device), prev.to(self.device))
-            pred = torch.sigmoid(out["pass3_os1"][:, 0, :th, :tw].float()).cpu().numpy()
-            del out, img, seg, prev
-            for t, p in zip(batch, pred):
+            for t, p in zip(batch, self.predict_tiles(image, glob, batch)):
                 acc.add(t, p)
             if on_progress:
                 on_progress(1 + b0 + len(batch), total, "local step")
         return acc.finish(fallback=glob.full_rows)
+
+    @torch.inference_mode()
+    def predict_tiles(self, image: Any, glob: GlobalResult, tiles: list[Tile]) -> np.ndarray:
+        """Passes 2 and 3 on one batch of full-resolution tiles; float32 (n, th, tw) in [0, 1].
+
+        ``image`` only needs ``image[rows, cols]`` slicing that returns an (h, w, 3) array (a
+        numpy array, a memory-mapped TIFF, a zarr array), so tiles of a huge image can be read
+        and run anywhere (``engine.batch`` spreads them over a Dask cluster).
+        """
+        th, tw = tiles[0].y1 - tiles[0].y0, tiles[0].x1 - tiles[0].x0
+        img = torch.stack([torch.from_numpy(_unit_rgb(np.asarray(image[t.crop]))).permute(2, 0, 1)
+                           for t in tiles])
+        seg = torch.stack([(glob.region(t, "os1") > 0.5).float() * 2 - 1 for t in tiles])[:, None]
+        prev = torch.stack([glob.region(t, "os4") * 2 - 1 for t in tiles])[:, None]
+        img = normalise_image(img.to(self.device))
+        out = self._forward(img, seg.to(self.device), prev.to(self.device))
+        return torch.sigmoid(out["pass3_os1"][:, 0, :th, :tw].float()).cpu().numpy()
 
     # ---------------------------------------------------------------- helpers
 
