@@ -61,6 +61,7 @@ from torch import nn
 
 from .checkpoints import ModelCard, load_checkpoint, save_checkpoint
 from .errors import FineMaskError
+from .memory_guard import activation_bytes_per_pixel, plan_batch
 from .models.refine import (
     RefinementModule,
     RefinerConfig,
@@ -73,7 +74,6 @@ from .tiling import (
     Tile,
     TileAccumulator,
     area_resize,
-    available_memory,
     bilinear_region,
     max_overlap,
     reuse_freed_memory,
@@ -318,6 +318,14 @@ class Refiner:
         if L < 96:  # tiles need L/2 > 2 * 16 px margins (and the network some context)
             raise ValueError(f"L must be at least 96, got {L}")
         self.stats = RefineStats(selection=selection)
+        H, W = image.shape[:2]
+        gh, gw = global_size(H, W, L)
+        # Memory guard: full-size result, overlap count and binarised mask (float32 + 2 x uint8),
+        # and one L x L tile (the global step runs the same network on gh x gw); lowers the tile
+        # batch or refuses.
+        batch_size = self.adaptive_batch_size(
+            max(gh, min(L, H)), max(gw, min(L, W)), fixed_bytes=6 * H * W, wanted=batch_size,
+            what=f"refining a {W}x{H} image")
         with torch.inference_mode(), _threads(self.num_threads), \
                 reuse_freed_memory(self.reuse_cpu_memory and self.device.type == "cpu"):
             _check_cancel(cancel)
@@ -373,6 +381,11 @@ class Refiner:
         has_ignored = ignore_index is not None and 0 <= ignore_index < len(counts) and counts[ignore_index] > 0
         two = n == 2 and not has_ignored
         boxes = _enlarged_bboxes(labels, classes)
+        # Memory guard, before any work: the result labels and best confidence (full size), and the
+        # largest class box's refinement (result + count + its confidence map) with one tile.
+        box_area = max((y1 - y0) * (x1 - x0) for (y0, y1, x0, x1) in boxes.values())
+        self.adaptive_batch_size(min(L, H), min(L, W), wanted=1, what=f"refining a {W}x{H} label map",
+                                 fixed_bytes=H * W * (labels.itemsize + 5) + 9 * box_area)
 
         def progress_for(k: int) -> ProgressFn | None:
             if on_progress is None:
@@ -525,13 +538,19 @@ class Refiner:
     def tile_bytes(self, th: int, tw: int) -> int:
         """Estimated working memory of one (th, tw) tile through passes 2 and 3, in bytes."""
         if self._bytes_per_pixel is None:
-            self._bytes_per_pixel = _probe_bytes_per_pixel(self.inference_model, self.device, self._dtype)
+            dtype = self._dtype if self.device.type == "cpu" else torch.float32
+            x = torch.zeros(1, 3, 64, 64, device=self.device, dtype=dtype)
+            s = torch.zeros_like(x[:, :1])
+            self._bytes_per_pixel = activation_bytes_per_pixel(self.inference_model, x, s, s)
         return int(self._bytes_per_pixel * (th + 8) * (tw + 8))
 
-    def adaptive_batch_size(self, th: int, tw: int) -> int:
-        """Tiles per batch: as many as fit in half the free memory, 1..``max_batch``."""
-        fits = int(available_memory(self.device) * 0.5) // max(1, self.tile_bytes(th, tw))
-        return max(1, min(self.max_batch, fits))
+    def adaptive_batch_size(self, th: int, tw: int, *, fixed_bytes: int = 0, wanted: int | None = None,
+                            what: str = "refinement") -> int:
+        """Tiles per batch that fit in free memory next to ``fixed_bytes`` of full-size buffers,
+        1..``wanted`` (default ``max_batch``); raises ``MemoryBudgetError`` when one does not."""
+        return plan_batch(fixed_bytes=fixed_bytes, item_bytes=self.tile_bytes(th, tw),
+                          wanted=wanted or self.max_batch, device=self.device, what=what, unit="tile",
+                          hint="try fast mode, a smaller L, or a smaller image")
 
 
 def select_tiles(tiles: list[Tile], glob: GlobalResult, selection: str, core_margin: int = 112) -> list[Tile]:
@@ -695,34 +714,3 @@ def _load_state(model: nn.Module, state: dict[str, torch.Tensor], path: Path) ->
         raise FineMaskError(f"weights have wrong shapes: {'; '.join(wrong[:3])}", path)
     merged = {k: state.get(k, v) for k, v in own.items()}
     model.load_state_dict(merged, strict=True)
-
-
-def _probe_bytes_per_pixel(model: nn.Module, device: torch.device, dtype: torch.dtype) -> float:
-    """Working bytes per input pixel, from a 64 x 64 probe forward of passes 2 and 3.
-
-    Estimate: three times the largest (inputs + output) of any layer, in float32 - room for the
-    skip features kept across the decoder and for allocator slack. Activations scale with the
-    pixel count, so the per-pixel figure carries over to full tiles.
-    """
-    sizes: list[int] = []
-    hooks = []
-
-    def hook(mod, inputs, output):
-        tensors = [x for x in inputs if isinstance(x, torch.Tensor)]
-        out = output if isinstance(output, torch.Tensor) else None
-        sizes.append(sum(x.numel() for x in tensors) + (out.numel() if out is not None else 0))
-
-    for m in model.modules():
-        if not list(m.children()):
-            hooks.append(m.register_forward_hook(hook))
-    try:
-        n = 64
-        with torch.inference_mode():
-            x = torch.zeros(1, 3, n, n, device=device, dtype=dtype if device.type == "cpu" else torch.float32)
-            s = torch.zeros_like(x[:, :1])
-            model(x, s, s)
-    finally:
-        for h in hooks:
-            h.remove()
-    peak = max(sizes) if sizes else 0
-    return 3 * 4.0 * peak / (64 * 64)

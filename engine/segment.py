@@ -12,6 +12,7 @@ import torch
 from .checkpoints import ModelCard, load_checkpoint
 from .errors import FineMaskError
 from .io import image_from_array, read_image
+from .memory_guard import activation_bytes_per_pixel, plan_batch
 from .preprocess import fit_longer_side, pad_to_multiple, resize, to_tensor, upsample_rows
 
 ProgressFn = Callable[[int, int, str], None]
@@ -49,6 +50,7 @@ class Segmenter:
             self.model = self.model.to(memory_format=torch.channels_last)
         size = card.input_size or [480, 360]
         self.working_size = int(max(size))
+        self._activation_bpp: float | None = None
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path = "camvid", device: str | None = None) -> "Segmenter":
@@ -97,17 +99,45 @@ class Segmenter:
             groups.setdefault(fit_longer_side(*arr.shape[:2], longer), []).append(i)
         results: list[SegResult | None] = [None] * len(arrays)
         done = 0
-        for shape, idx in groups.items():
-            if cancel is not None and cancel():
-                raise InterruptedError("segmentation cancelled")
-            batch = torch.stack([resize(to_tensor(arrays[i])[None], shape)[0] for i in idx])
-            low = self._logits(batch).softmax(dim=1).float().cpu()
-            for j, i in enumerate(idx):
-                results[i] = _full_size_result(low[j], arrays[i].shape[:2], shape)
-            done += len(idx)
-            if on_progress is not None:
-                on_progress(done, len(arrays), "segmented")
+        for shape, group in groups.items():
+            size = self.batch_that_fits(shape, [arrays[i].shape[:2] for i in group])
+            for c0 in range(0, len(group), size):
+                if cancel is not None and cancel():
+                    raise InterruptedError("segmentation cancelled")
+                idx = group[c0:c0 + size]
+                batch = torch.stack([resize(to_tensor(arrays[i])[None], shape)[0] for i in idx])
+                low = self._logits(batch).softmax(dim=1).float().cpu()
+                for j, i in enumerate(idx):
+                    results[i] = _full_size_result(low[j], arrays[i].shape[:2], shape)
+                done += len(idx)
+                if on_progress is not None:
+                    on_progress(done, len(arrays), "segmented")
         return results  # type: ignore[return-value]
+
+    def batch_that_fits(self, working: tuple[int, int], full_shapes: list[tuple[int, int]]) -> int:
+        """Memory guard: how many of these images (all resized to ``working``) run at once.
+
+        Fixed: every full-size result (float16 probabilities, labels, float32 row strips) and two
+        float32 copies of the input (normalisation, the resize's contiguous copy); per image: the
+        network's activations at the working size plus the 2x logits and softmax. Raises
+        ``MemoryBudgetError`` when one image does not fit.
+        """
+        C = len(self.card.classes) or 1
+        label_bytes = 1 if C <= 256 else 2
+        fixed = sum(H * W * (2 * C + label_bytes + 24) + 8 * C * STRIP_ROWS * W for H, W in full_shapes)
+        h, w = working
+        item = int(self._bytes_per_pixel() * h * w) + 4 * 3 * h * w + 2 * 4 * C * (2 * h) * (2 * w)
+        H, W = max(full_shapes, key=lambda s: s[0] * s[1])
+        return plan_batch(fixed_bytes=fixed, item_bytes=item, wanted=len(full_shapes), device=self.device,
+                          what=f"segmenting a {W}x{H} image at working size {w}x{h}",
+                          hint="try a smaller working size or a smaller image")
+
+    def _bytes_per_pixel(self) -> float:
+        if self._activation_bpp is None:
+            n = 64 * max(1, -(-getattr(self.model, "pad_multiple", 1) // 64))
+            x = torch.zeros(1, 3, n, n, device=self.device)
+            self._activation_bpp = activation_bytes_per_pixel(self.model, x)
+        return self._activation_bpp
 
     @torch.inference_mode()
     def _logits(self, batch: torch.Tensor) -> torch.Tensor:

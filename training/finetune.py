@@ -7,6 +7,10 @@ model on the store's validation pairs, and writes the new version atomically to
 ``<store>/models/<name>/`` (weights, card, and the run's ``log.csv`` and ``loss.png``). The
 base is only read.
 
+Under ``torchrun`` (``torchrun --nproc-per-node N -m training finetune STORE ...``) every process
+trains on its share of each global batch (BatchNorm statistics over the whole batch, see
+``training.sync_bn``); rank 0 evaluates, checkpoints and writes the version.
+
 Resumable: the run's state lives in ``<store>/models/.runs/<key>/`` where the key names the
 base weights, the store content and the settings; calling ``finetune`` again with the same
 arguments after a crash or a cancel continues from the last checkpoint. The folder is removed
@@ -27,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from engine.atomic import atomic_write_bytes
 from engine.checkpoints import ModelCard, load_checkpoint, read_card, resolve
@@ -144,7 +149,9 @@ def finetune(
 
     started = time.perf_counter()
     report = on_progress or (lambda done, total, message: None)
-    before = job.evaluate_base(base_path, val_pairs, _phase(report, "evaluating the base model"))
+    distributed = dist.is_available() and dist.is_initialized()
+    main = not distributed or dist.get_rank() == 0  # under torchrun rank 0 evaluates and exports
+    before = job.evaluate_base(base_path, val_pairs, _phase(report, "evaluating the base model")) if main else {}
 
     if cfg.batch_size < 2:
         raise FineMaskError(f"the batch must hold at least 2 crops (BatchNorm), got {cfg.batch_size}")
@@ -155,14 +162,17 @@ def finetune(
     run_dir = models_dir(store) / RUNS_DIR / key
     lock = FileLock(models_dir(store) / RUNS_DIR / f"{key}.lock", timeout=0)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
+    if main:
+        try:
+            lock.acquire()
+        except FineMaskError:
+            raise FineMaskError("this fine-tuning run is already going on in another process", run_dir) from None
     try:
-        lock.acquire()
-    except FineMaskError:
-        raise FineMaskError("this fine-tuning run is already going on in another process", run_dir) from None
-    try:
-        if not resume:
+        if main and not resume:
             shutil.rmtree(run_dir, ignore_errors=True)
         run_dir.mkdir(parents=True, exist_ok=True)
+        if distributed:  # the others read the run folder only once rank 0 has set it up
+            dist.barrier()
         cancelled = []
 
         def stop() -> bool:
@@ -174,9 +184,9 @@ def finetune(
         result = train_loop(job.model, job.loss_fn, job.train_data, loop, run_dir, params=job.params(cfg.lr),
                             resume=resume, on_progress=_with_eta(report, cfg),
                             cancel=stop)
-        if cancelled:
-            return FinetuneResult(None, None, result.step, False, before, {}, result.history, run_dir,
-                                  time.perf_counter() - started)
+        if cancelled or not main:
+            return FinetuneResult(None, None, result.step, not cancelled and result.step >= cfg.steps, before,
+                                  {}, result.history, run_dir, time.perf_counter() - started)
         after = job.evaluate_trained(val_pairs, _phase(report, "evaluating the new model"))
         name = cfg.name or next_version_name(store, card.name or base_path.name)
         seconds = time.perf_counter() - started
@@ -194,7 +204,8 @@ def finetune(
         shutil.rmtree(run_dir, ignore_errors=True)
         return FinetuneResult(path, name, result.step, True, before, after, result.history, None, seconds)
     finally:
-        lock.release()
+        if main:
+            lock.release()
 
 
 def next_version_name(store: Store | str | Path, base_name: str) -> str:

@@ -1,7 +1,7 @@
 """Command-line launch of training runs, single process or under ``torchrun``.
 
-``finemask train dsrl ...`` and ``torchrun --nproc-per-node N -m training dsrl ...`` share this
-parser. Under torchrun each process joins the process group (NCCL on GPUs, gloo on CPU) and
+``finemask train dsrl|refine ...`` / ``finemask finetune ...`` and ``torchrun --nproc-per-node N
+-m training dsrl|refine|finetune ...`` share these parsers. Under torchrun each process joins the process group (NCCL on GPUs, gloo on CPU) and
 the loop splits every global batch over the ranks; rank 0 writes checkpoints and logs.
 """
 from __future__ import annotations
@@ -137,3 +137,65 @@ def run_refine(args: argparse.Namespace) -> int:
     cfg = RefineTrainConfig(backbone=args.backbone, sources=tuple(args.sources),
                             crops_per_epoch=args.crops_per_epoch, loop=loop, command=_command_line())
     return _train_with_bar(train_refine, cfg, args.run_dir, args, rank, f"train refine-{args.backbone}")
+
+
+def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``finetune`` (``finemask finetune`` and ``python -m training finetune``)."""
+    parser.add_argument("store", type=Path, help="annotation store folder")
+    parser.add_argument("--base", default="camvid", help="shipped model name or model folder to start from")
+    parser.add_argument("--steps", type=int, default=300, help="step budget")
+    parser.add_argument("--minutes", type=float, default=None, help="time budget for training (ends the run normally)")
+    parser.add_argument("--batch-size", type=int, default=4, help="global batch (split over processes)")
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--crop", type=int, nargs=2, default=(256, 256), metavar=("H", "W"),
+                        help="training crop at the model's output scale (segmentation models)")
+    parser.add_argument("--ignore-index", type=int, default=None, help="label value of unlabelled pixels (e.g. 255)")
+    parser.add_argument("--name", default=None, help="name of the new version (default <base>-ftN)")
+    parser.add_argument("--input-size", type=int, nargs=2, default=None, metavar=("W", "H"),
+                        help="new working size of a segmenter (default: the base model's)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--log-every", type=int, default=5, help="steps between rows of the loss log")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    parser.add_argument("--fresh", action="store_true", help="start over instead of resuming an interrupted run")
+
+
+def run_finetune(args: argparse.Namespace) -> int:
+    """Fine-tune with a progress bar; under torchrun rank 0 reports and writes the version."""
+    from tqdm import tqdm
+
+    from .finetune import FinetuneConfig, finetune
+
+    rank, _ = init_distributed()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = FinetuneConfig(steps=args.steps, time_budget_s=None if args.minutes is None else 60 * args.minutes,
+                         batch_size=args.batch_size, lr=args.lr, crop=tuple(args.crop), seed=args.seed,
+                         ignore_index=args.ignore_index, name=args.name, log_every=args.log_every,
+                         input_size=None if args.input_size is None else tuple(args.input_size))
+    bar = tqdm(total=args.steps, unit="step", desc="fine-tune", disable=rank != 0)
+
+    def progress(done: int, total: int, message: str) -> None:
+        if message.startswith("step "):
+            bar.total, bar.n = total, done
+            bar.set_description_str("fine-tune", refresh=False)
+            bar.set_postfix_str(message.split(" · ", 1)[1], refresh=False)
+        else:
+            bar.set_description_str(message, refresh=False)
+        bar.refresh()
+
+    result = finetune(args.store, args.base, cfg, on_progress=progress, resume=not args.fresh)
+    bar.close()
+    if rank != 0:
+        return 0
+    print(f"validation pairs: {result.before.get('pairs', 0)}")
+    for key in ("miou", "mba"):
+        print(f"  {key:5s} before {_fmt(result.before.get(key))}  after {_fmt(result.after.get(key))}")
+    if result.model_path is None:
+        print(f"stopped at step {result.steps}; run the same command again to resume")
+        return 1
+    print(f"wrote {result.model_path} ({result.steps} steps, {result.seconds:.0f} s)")
+    return 0
+
+
+def _fmt(value) -> str:
+    return "  n/a" if value is None else f"{value:5.1f}"

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .resume import load_state, rng_state, save_state, set_rng_state
+from .sync_bn import globalise_batchnorm
 
 ProgressFn = Callable[[int, int, str], None]
 #: loss_fn(model, batch) -> (total loss, {term name: float})
@@ -164,6 +165,8 @@ def train_loop(
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         step, history = int(state["step"]), list(state.get("history", []))
+    if distributed:  # BatchNorm statistics over the global batch, as one process would see it
+        globalise_batchnorm(model)
     net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=False) if distributed else model
     use_amp = cfg.amp if cfg.amp is not None else device.type == "cuda"
     sampler = EpochBatchSampler(len(dataset), cfg.batch_size, cfg.seed, step, cfg.steps, rank, world)
@@ -185,9 +188,13 @@ def train_loop(
                 on_checkpoint(step)
 
     for batch in batches:
-        if (cancel is not None and cancel()) or (
-            cfg.time_budget_s is not None and time.perf_counter() - started > cfg.time_budget_s
-        ):
+        stop = (cancel is not None and cancel()) or (
+            cfg.time_budget_s is not None and time.perf_counter() - started > cfg.time_budget_s)
+        if distributed:  # every process stops at the same step, or the others would wait forever
+            flag = torch.tensor([float(stop)], device=device if dist.get_backend() == "nccl" else "cpu")
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            stop = bool(flag.item())
+        if stop:
             finished = False
             break
         batch = _to_device(batch, device)
@@ -203,6 +210,10 @@ def train_loop(
         step += 1
         last_loss = float(loss.detach())
         if step % cfg.log_every == 0 or step == cfg.steps:
+            if distributed:  # log the loss of the global batch: the mean of the equal shares
+                shared = loss.detach().float().reshape(1).to(device if dist.get_backend() == "nccl" else "cpu")
+                dist.all_reduce(shared)
+                last_loss = float(shared) / world
             history.append({"step": step, "loss": last_loss, "lr": opt.param_groups[0]["lr"],
                             "time": round(time.perf_counter() - started, 3), **parts})
         if on_progress is not None:

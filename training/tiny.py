@@ -21,15 +21,16 @@ TINY_REFINER = dict(backbone="light", stage_channels=(8, 16, 16, 24), psp_channe
 
 
 def make_tiny_segmenter(folder: str | Path, num_classes: int = 3, input_size: tuple[int, int] = (64, 48),
-                        name: str = "tiny", variant: str = "dsrl", seed: int = 0) -> Path:
+                        name: str = "tiny", variant: str = "dsrl", seed: int = 0, **config) -> Path:
     """Save a tiny DSRL model (full training state, SISR included) to ``folder``; return it.
 
     ``input_size`` is the working size (width, height); classes are named ``class 0`` ...
+    ``config`` overrides ``SegmenterConfig`` fields (say ``dropout=0.0``).
     """
     from engine.models import SegmenterConfig, create_model
 
     torch.manual_seed(seed)
-    model = create_model(SegmenterConfig.for_variant(variant, num_classes, **TINY_SEGMENTER))
+    model = create_model(SegmenterConfig.for_variant(variant, num_classes, **{**TINY_SEGMENTER, **config}))
     card = ModelCard(name=name, task="segmentation", architecture="dsrl", config=model.config.to_dict(),
                      classes=[f"class {i}" for i in range(num_classes)],
                      palette=[list(map(int, c)) for c in default_palette(num_classes)[:num_classes]],

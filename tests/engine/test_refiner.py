@@ -249,6 +249,9 @@ class MaskEcho(Refiner):
         self.weak = weak
         self.calls = []
 
+    def adaptive_batch_size(self, *args, **kwargs):  # no network, so nothing to guard
+        return 1
+
     def refine(self, image, mask, fast=False, L=900, on_progress=None, cancel=None, **kw):
         self.calls.append(mask.shape)
         conf = np.where(mask, 0.9, 0.3 if self.weak else 0.1).astype(np.float32)
