@@ -1,4 +1,4 @@
-"""Evaluation: segmentation mIoU at full label resolution, and the SR branch's PSNR/SSIM.
+"""Evaluation: segmentation mIoU at full label resolution, refinement IoU / mBA, the SR branch's PSNR/SSIM.
 
 Segmentation follows the DSRL protocol: the network sees the image downscaled to its working
 size (CamVid: 240x180) and predicts at 2x (480x360); the ground truth is never downscaled, and
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -83,3 +84,158 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
     channel_axis = -1 if np.asarray(a).ndim == 3 else None
     return float(structural_similarity(a, b, data_range=1.0, gaussian_weights=True, sigma=1.5,
                                        use_sample_covariance=False, channel_axis=channel_axis))
+
+
+# --- refinement -----------------------------------------------------------------------------
+
+#: The ground truth is shrunk by this factor and enlarged back (bilinear) to make coarse masks.
+COARSE_FACTOR = 8
+
+
+@dataclass
+class RefinementScores:
+    """IoU and mBA (fractions) of coarse and refined masks, per class and overall.
+
+    ``rows``: one dict per (image, class, source) with ``iou_before``, ``iou_after``,
+    ``mba_before``, ``mba_after``; ``source`` is ``"gt/8"`` (shrunk ground truth) or
+    ``"segmenter"`` (the segmenter's class mask at its working size).
+    """
+
+    rows: list[dict[str, Any]]
+
+    def summary(self) -> list[dict[str, Any]]:
+        """Means per (source, class), then per source over all classes (class ``"all"``)."""
+        out = []
+        for source in dict.fromkeys(r["source"] for r in self.rows):
+            rows = [r for r in self.rows if r["source"] == source]
+            for cls in [*dict.fromkeys(r["class"] for r in rows), "all"]:
+                chosen = [r for r in rows if cls in ("all", r["class"])]
+                mean = {k: float(np.nanmean([r[k] for r in chosen]))
+                        for k in ("iou_before", "iou_after", "mba_before", "mba_after")}
+                out.append({"source": source, "class": cls, "images": len(chosen), **mean})
+        return out
+
+
+def coarse_mask(mask: np.ndarray, factor: int = COARSE_FACTOR) -> np.ndarray:
+    """``mask`` shrunk by ``factor`` (anti-aliased) and enlarged back bilinearly, at 0.5."""
+    from training.augment import resize_mask
+
+    h, w = mask.shape
+    return resize_mask(resize_mask(mask, (max(1, h // factor), max(1, w // factor))), (h, w))
+
+
+def evaluate_refiner(refiner, dataset, indices: list[int], *, segmenter: Segmenter | None = None,
+                     working_size: int | None = None, L: int = 900, fast: bool = False,
+                     on_progress: ProgressFn | None = None) -> RefinementScores:
+    """Refine each class mask of the chosen ``dataset`` images at full resolution.
+
+    ``dataset.binary_masks(i)`` gives the image and ``{class: bool mask}`` of the classes present.
+    Coarse inputs: the ground truth shrunk by :data:`COARSE_FACTOR`, and with ``segmenter`` its
+    prediction for the same class (matched by name) at ``working_size``. Classes whose ground
+    truth has no boundary at a radius mBA needs give NaN mBA and are left out of its means.
+    """
+    from engine.metrics import boundary_accuracy
+
+    rows: list[dict[str, Any]] = []
+    for k, i in enumerate(indices):
+        image, masks = dataset.binary_masks(i)
+        coarse = {("gt/8", c): coarse_mask(m) for c, m in masks.items()}
+        if segmenter is not None:
+            labels = segmenter.predict(image, working_size).labels
+            names = segmenter.classes
+            for c in masks:
+                if c in names:
+                    coarse[("segmenter", c)] = labels == names.index(c)
+        for (source, c), before in coarse.items():
+            gt = masks[c]
+            after = refiner.refine(image, before, fast=fast, L=L) > 0.5
+            rows.append({"image": dataset.stem(i), "class": c, "source": source,
+                         "iou_before": _iou(before, gt), "iou_after": _iou(after, gt),
+                         "mba_before": boundary_accuracy(before, gt), "mba_after": boundary_accuracy(after, gt)})
+        if on_progress is not None:
+            on_progress(k + 1, len(indices), dataset.stem(i))
+    return RefinementScores(rows)
+
+
+def _iou(pred: np.ndarray, gt: np.ndarray) -> float:
+    union = np.count_nonzero(pred | gt)
+    return np.count_nonzero(pred & gt) / union if union else 1.0
+
+
+# --- the SR branch --------------------------------------------------------------------------
+
+
+@dataclass
+class SRScores:
+    """Mean PSNR (dB) and SSIM of the SR branch and of bicubic upsampling, per image in ``rows``."""
+
+    psnr: float
+    ssim: float
+    bicubic_psnr: float
+    bicubic_ssim: float
+    rows: list[dict[str, Any]]
+
+
+def sr_model(name_or_path: str | Path):
+    """A DSRL training model with its SISR branch, from a model folder that kept the branch."""
+    from engine.checkpoints import load_checkpoint
+    from engine.errors import FineMaskError
+    from engine.models import SegmenterConfig, create_model
+
+    state, card = load_checkpoint(name_or_path)
+    config = SegmenterConfig.from_dict(card.config)
+    if not config.sisr or not any(k.startswith("sisr.") for k in state):
+        raise FineMaskError("this model has no SR branch (a baseline or SSSR variant, or saved for inference "
+                            "only)", Path(str(name_or_path)))
+    model = create_model(config)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if [k for k in missing if k.startswith("sisr.")] or unexpected:
+        raise FineMaskError("the SR branch's weights do not match the card", Path(str(name_or_path)))
+    return model.eval()
+
+
+def evaluate_sr(model, folder: str | Path, scale: int = 2, on_progress: ProgressFn | None = None) -> SRScores:
+    """PSNR and SSIM of the SR branch on ``folder``'s ``*_LR.png`` / ``*_HR.png`` pairs, and of bicubic.
+
+    The usual SR protocol: luma (ITU-R BT.601 Y, in [16, 235] / 255) with ``scale`` pixels shaved
+    off each border; HR is cropped to twice the LR size. ``model`` outputs ``sr`` at 2x (an image,
+    or for ``sr_target="residual"`` the residual added to the bicubic upsampling).
+    """
+    from engine.io import read_image
+    from engine.preprocess import pad_to_multiple
+    from training.sr_target import bicubic_up, sr_image
+
+    if scale != 2:
+        raise ValueError("the SR branch upsamples by 2")
+    folder = Path(folder)
+    pairs = sorted(folder.glob("*_LR.png"))
+    if not pairs:
+        from engine.errors import FineMaskError
+
+        raise FineMaskError("no *_LR.png / *_HR.png pairs found", folder)
+    rows = []
+    for k, lr_path in enumerate(pairs):
+        lr = torch.from_numpy(read_image(lr_path)).permute(2, 0, 1)[None]
+        hr = read_image(lr_path.with_name(lr_path.name.replace("_LR.png", "_HR.png")))
+        h, w = lr.shape[-2:]
+        hr = hr[: 2 * h, : 2 * w]
+        with torch.inference_mode():
+            x, _ = pad_to_multiple(lr, model.pad_multiple)
+            out = model(x).sr[:, :, : 2 * h, : 2 * w].float()
+            sr = sr_image(lr, out) if model.config.sr_target == "residual" else out.clamp(0, 1)
+            bic = bicubic_up(lr, (2 * h, 2 * w))
+        sr_y, bic_y = (_luma(t[0].permute(1, 2, 0).numpy(), scale) for t in (sr, bic))
+        hr_y = _luma(hr, scale)
+        rows.append({"image": lr_path.name.replace("_LR.png", ""),
+                     "psnr": psnr(sr_y, hr_y), "ssim": ssim(sr_y, hr_y),
+                     "bicubic_psnr": psnr(bic_y, hr_y), "bicubic_ssim": ssim(bic_y, hr_y)})
+        if on_progress is not None:
+            on_progress(k + 1, len(pairs), rows[-1]["image"])
+    mean = {key: float(np.mean([r[key] for r in rows])) for key in ("psnr", "ssim", "bicubic_psnr", "bicubic_ssim")}
+    return SRScores(rows=rows, **mean)
+
+
+def _luma(rgb: np.ndarray, shave: int) -> np.ndarray:
+    """BT.601 luma of RGB in [0, 1], in [16/255, 235/255], with ``shave`` border pixels removed."""
+    y = (16.0 + 65.481 * rgb[..., 0] + 128.553 * rgb[..., 1] + 24.966 * rgb[..., 2]) / 255.0
+    return y[shave:-shave, shave:-shave] if shave else y

@@ -1,8 +1,9 @@
-"""``finemask evaluate seg --model M --data camvid``: mIoU and per-class IoU on a split."""
+"""``finemask evaluate seg|refine|sr``: segmentation mIoU, refinement IoU / mBA, SR PSNR / SSIM."""
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from tqdm import tqdm
 
@@ -17,6 +18,25 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     seg.add_argument("--working-size", type=int, default=None, help="longer side fed to the model")
     seg.add_argument("--json", action="store_true", help="print the scores as JSON")
     seg.set_defaults(run=run_seg)
+
+    ref = jobs.add_parser("refine", help="refinement IoU and mBA before/after, per class, at full resolution")
+    ref.add_argument("--model", default="refine-light", help="refinement model name or folder")
+    ref.add_argument("--data", default="idrid")
+    ref.add_argument("--split", default="val", help="idrid val = IDRiD_45..54, kept out of training")
+    ref.add_argument("--images", type=int, default=None, help="only the first N images of the split")
+    ref.add_argument("--segmenter", default=None, help="also refine this segmenter's masks (e.g. idrid)")
+    ref.add_argument("--working-size", type=int, default=None, help="segmenter's longer side")
+    ref.add_argument("--L", type=int, default=900, dest="L")
+    ref.add_argument("--fast", action="store_true", help="global step only")
+    ref.add_argument("--threads", type=int, default=None)
+    ref.add_argument("--json", action="store_true", help="print every row as JSON")
+    ref.set_defaults(run=run_refine)
+
+    sr = jobs.add_parser("sr", help="PSNR/SSIM of a DSRL model's SR branch x2 against bicubic")
+    sr.add_argument("--model", default="camvid", help="model name or folder that kept its SR branch")
+    sr.add_argument("folder", type=Path, nargs="+", help="folders of *_LR.png / *_HR.png pairs (e.g. sr/Set5/image_SRF_2)")
+    sr.add_argument("--json", action="store_true")
+    sr.set_defaults(run=run_sr)
 
 
 def run_seg(args: argparse.Namespace) -> int:
@@ -37,4 +57,43 @@ def run_seg(args: argparse.Namespace) -> int:
           f"pixel accuracy {100 * scores.pixel_accuracy:.2f}")
     for name, iou in scores.per_class.items():
         print(f"  {name:<14} {100 * iou:6.2f}")
+    return 0
+
+
+def run_refine(args: argparse.Namespace) -> int:
+    from engine.refine import Refiner
+    from engine.segment import Segmenter
+    from training.data.registry import load_dataset
+    from training.evaluate import evaluate_refiner
+
+    refiner = Refiner.from_pretrained(args.model, num_threads=args.threads)
+    segmenter = Segmenter.from_pretrained(args.segmenter) if args.segmenter else None
+    data = load_dataset(args.data, args.split)
+    indices = list(range(len(data)))[: args.images]
+    bar = tqdm(total=len(indices), desc="evaluate refine", unit="image")
+    scores = evaluate_refiner(refiner, data, indices, segmenter=segmenter, working_size=args.working_size,
+                              L=args.L, fast=args.fast, on_progress=lambda d, t, m: bar.update(1))
+    bar.close()
+    if args.json:
+        print(json.dumps({"rows": scores.rows, "summary": scores.summary()}, indent=2))
+        return 0
+    print(f"{args.model} on {args.data} {args.split} ({len(indices)} images), percent")
+    print(f"{'coarse':10} {'class':16} {'n':>3} {'IoU before':>10} {'after':>6} {'mBA before':>10} {'after':>6}")
+    for r in scores.summary():
+        print(f"{r['source']:10} {r['class']:16} {r['images']:3d} {100 * r['iou_before']:10.1f} "
+              f"{100 * r['iou_after']:6.1f} {100 * r['mba_before']:10.1f} {100 * r['mba_after']:6.1f}")
+    return 0
+
+
+def run_sr(args: argparse.Namespace) -> int:
+    from training.evaluate import evaluate_sr, sr_model
+
+    model = sr_model(args.model)
+    results = {str(f): evaluate_sr(model, f) for f in args.folder}
+    if args.json:
+        print(json.dumps({k: v.__dict__ for k, v in results.items()}, indent=2))
+        return 0
+    print(f"{'folder':40} {'PSNR':>6} {'SSIM':>6} {'bicubic PSNR':>12} {'SSIM':>6}")
+    for folder, r in results.items():
+        print(f"{folder:40} {r.psnr:6.2f} {r.ssim:6.4f} {r.bicubic_psnr:12.2f} {r.bicubic_ssim:6.4f}")
     return 0
