@@ -26,6 +26,14 @@ from .errors import FineMaskError
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "card.json"
 FORMAT_VERSION = 1
+#: The architectures each task's loader builds (a card naming another is refused on reading).
+ARCHITECTURES = {"segmentation": ("dsrl",), "refinement": ("cascadepsp",)}
+#: Pickled PyTorch weights: never loaded from a model folder (unpickling can run code).
+PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".pkl", ".tar")
+_CONVERT_HINT = (
+    "FineMask loads only model.safetensors + card.json, never pickled weights; convert the official CascadePSP "
+    "weights with Refiner.from_official_checkpoint(path, save_to=folder) (or `finemask refine --model <file>`)"
+)
 ASSETS_MODELS = Path(__file__).resolve().parent.parent / "assets" / "models"
 
 
@@ -56,11 +64,51 @@ class ModelCard:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], path: Path | None = None) -> "ModelCard":
+        """A card from its JSON object, checked field by field (FineMaskError naming ``path``)."""
         known = {f for f in cls.__dataclass_fields__}
         missing = [k for k in ("name", "task", "architecture", "config") if k not in data]
         if missing:
             raise FineMaskError(f"model card lacks the field(s) {', '.join(missing)}", path)
-        return cls(**{k: v for k, v in data.items() if k in known})
+        card = cls(**{k: v for k, v in data.items() if k in known})
+        problem = card.problem()
+        if problem:
+            raise FineMaskError(f"model card is invalid: {problem}", path)
+        return card
+
+    def problem(self) -> str | None:
+        """What is wrong with the card's fields (types, ranges, task and architecture), or None."""
+        def is_int(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        types = {"name": str, "task": str, "architecture": str, "config": dict, "classes": list, "palette": list,
+                 "metrics": dict, "training": dict, "created": str}
+        for key, kind in types.items():
+            if not isinstance(getattr(self, key), kind):
+                return f"{key} must be a {kind.__name__}, found {type(getattr(self, key)).__name__}"
+        if self.parent is not None and not isinstance(self.parent, str):
+            return f"parent must be a name or null, found {type(self.parent).__name__}"
+        if not is_int(self.format_version) or self.format_version > FORMAT_VERSION:
+            return f"format_version {self.format_version!r} is not one this FineMask reads (up to {FORMAT_VERSION})"
+        known = ARCHITECTURES.get(self.task)
+        if known is None:
+            return f"unknown task {self.task!r} (FineMask models do {' or '.join(ARCHITECTURES)})"
+        if self.architecture not in known:
+            return (f"architecture {self.architecture!r} is not a {self.task} architecture "
+                    f"(FineMask builds {', '.join(known)})")
+        if not all(isinstance(c, str) for c in self.classes):
+            return "classes must be a list of names"
+        if not all(isinstance(c, list) and len(c) == 3 and all(is_int(v) and 0 <= v <= 255 for v in c)
+                   for c in self.palette):
+            return "palette must be a list of [r, g, b] colours (0..255)"
+        if self.input_size is not None and not (
+            isinstance(self.input_size, list) and len(self.input_size) == 2
+            and all(is_int(v) and v > 0 for v in self.input_size)
+        ):
+            return f"input_size must be [width, height] in pixels, found {self.input_size!r}"
+        n = self.config.get("num_classes")
+        if self.classes and is_int(n) and len(self.classes) != n:
+            return f"{len(self.classes)} class names for a model of {n} classes (config num_classes)"
+        return None
 
 
 def available_models() -> list[str]:
@@ -75,9 +123,13 @@ def resolve(name_or_path: str | Path) -> Path:
     path = Path(name_or_path).expanduser()
     if path.is_file() and path.name in (WEIGHTS_FILE, CARD_FILE):
         path = path.parent
+    if path.is_file() and path.suffix.lower() in PICKLE_SUFFIXES:
+        raise FineMaskError(f"a pickled PyTorch weights file, not a FineMask model folder. {_CONVERT_HINT}", path)
     if path.is_dir():
         if not (path / CARD_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
-            raise FineMaskError(f"not a FineMask model folder (needs {WEIGHTS_FILE} and {CARD_FILE})", path)
+            pickles = sorted(p.name for p in path.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+            hint = f" It holds {', '.join(pickles)}: {_CONVERT_HINT}" if pickles else ""
+            raise FineMaskError(f"not a FineMask model folder (needs {WEIGHTS_FILE} and {CARD_FILE}).{hint}", path)
         return path
     shipped = ASSETS_MODELS / str(name_or_path)
     if "/" not in str(name_or_path) and (shipped / CARD_FILE).is_file():

@@ -8,8 +8,12 @@ write goes through a temporary file and a rename.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import threading
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +27,15 @@ from .errors import FineMaskError
 DEFAULT_MAX_PIXELS = 16384 * 16384
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 LABEL_SUFFIXES = (".tif", ".tiff", ".png")
+#: File format by suffix, and the first bytes each format starts with (TIFF: both byte orders,
+#: classic and BigTIFF). A file whose first bytes do not fit its suffix is refused before decoding.
+_FORMAT_OF_SUFFIX = {".tif": "TIFF", ".tiff": "TIFF", ".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
+_SIGNATURES = {
+    "PNG": (b"\x89PNG\r\n\x1a\n",),
+    "JPEG": (b"\xff\xd8\xff",),
+    "TIFF": (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"),
+}
+_SUFFIX_OF_FORMAT = {"PNG": ".png", "JPEG": ".jpg", "TIFF": ".tif"}
 
 # Our own pixel limit replaces Pillow's bomb check (which would raise a non-FineMask error).
 Image.MAX_IMAGE_PIXELS = None
@@ -48,12 +61,10 @@ def image_shape(path: str | Path, *, max_pixels: int | None = None) -> tuple[int
     _check_file(path, IMAGE_SUFFIXES)
     try:
         if path.suffix.lower() in (".tif", ".tiff"):
-            with tifffile.TiffFile(path) as tif:
+            with _tifffile_log(), tifffile.TiffFile(path) as tif:
                 if not tif.pages:
                     raise FineMaskError("TIFF holds no image", path)
-                shape = tuple(tif.pages[0].shape)
-                if len(shape) == 3 and shape[0] in (1, 2, 3, 4) and shape[-1] not in (1, 2, 3, 4):
-                    shape = shape[1:]
+                shape = _tiff_yx(tif.pages[0], path)
         else:
             with Image.open(path) as img:
                 shape = (img.height, img.width)
@@ -126,7 +137,9 @@ def image_from_array(arr: np.ndarray, path: str | Path | None = None) -> np.ndar
     if arr.ndim == 3 and arr.shape[-1] not in (1, 2, 3, 4) and arr.shape[0] in (1, 2, 3, 4):
         arr = np.moveaxis(arr, 0, -1)
     if arr.ndim == 3 and arr.shape[-1] not in (1, 2, 3, 4):
-        raise FineMaskError(f"unsupported channel count {arr.shape[-1]} (need 1-4 channels)", path)
+        raise FineMaskError(
+            f"unsupported channel count: array shape {arr.shape} has no axis of 1-4 channels (first or last)", path
+        )
     if min(arr.shape[:2]) < 1:
         raise FineMaskError(f"image has zero size {arr.shape}", path)
     if arr.dtype == np.uint8:
@@ -221,6 +234,44 @@ def _check_file(path: Path, suffixes: tuple[str, ...]) -> None:
         raise FineMaskError("file is empty (0 bytes)", path)
     if path.suffix.lower() not in suffixes:
         raise FineMaskError(f"unsupported file type {path.suffix!r} (supported: {', '.join(suffixes)})", path)
+    _check_signature(path)
+
+
+def _check_signature(path: Path) -> None:
+    """Refuse a file whose first bytes are not those of the format its suffix names.
+
+    Decoders would otherwise guess (Pillow opens a JPEG named .png) or fail with misleading
+    messages (tifffile calls a PNG named .tif corrupt); a label map must never be read from a
+    lossy JPEG that happens to be named .png.
+    """
+    expected = _FORMAT_OF_SUFFIX[path.suffix.lower()]
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as exc:
+        raise FineMaskError(f"cannot read the file ({exc.strerror or exc})", path) from None
+    if head.startswith(_SIGNATURES[expected]):
+        return
+    actual = next((fmt for fmt, sigs in _SIGNATURES.items() if head.startswith(sigs)), None)
+    if actual is not None:
+        raise FineMaskError(
+            f"the file holds {actual} data but its name ends in {path.suffix}: wrong file extension "
+            f"(rename it to {_SUFFIX_OF_FORMAT[actual]})",
+            path,
+        )
+    raise FineMaskError(
+        f"not a readable image: the file does not start like a {expected} file (unknown format or wrong file "
+        "extension)",
+        path,
+    )
+
+
+def _tiff_yx(page: tifffile.TiffPage, path: Path) -> tuple[int, int]:
+    """(H, W) of a TIFF page from its axes; a page with axes other than Y, X and samples is refused."""
+    axes, shape = page.axes, page.shape
+    if "Y" not in axes or "X" not in axes or set(axes) - set("YXS"):
+        raise FineMaskError(f"unsupported TIFF layout: axes {axes} with shape {tuple(shape)} (need a 2-D image)", path)
+    return int(shape[axes.index("Y")]), int(shape[axes.index("X")])
 
 
 def _check_pixels(path: Path, shape: tuple[int, ...], max_pixels: int | None) -> None:
@@ -237,24 +288,65 @@ def _check_pixels(path: Path, shape: tuple[int, ...], max_pixels: int | None) ->
 def _read_array(path: Path, suffixes: tuple[str, ...], max_pixels: int | None, labels: bool = False) -> np.ndarray:
     _check_file(path, suffixes)
     if path.suffix.lower() in (".tif", ".tiff"):
-        return _read_tiff(path, max_pixels)
+        return _read_tiff(path, max_pixels, labels)
     return _read_pil(path, max_pixels, labels)
 
 
-def _read_tiff(path: Path, max_pixels: int | None) -> np.ndarray:
+def _read_tiff(path: Path, max_pixels: int | None, labels: bool = False) -> np.ndarray:
     try:
-        with tifffile.TiffFile(path) as tif:
+        with _tifffile_log() as logged, tifffile.TiffFile(path) as tif:
             if not tif.pages:
                 raise FineMaskError("TIFF holds no image", path)
             if len(tif.series) > 1 or len(tif.pages) > 1:
                 warnings.warn(f"{path}: multi-page TIFF, using the first page only", stacklevel=3)
             page = tif.pages[0]
             _check_pixels(path, page.shape, max_pixels)
-            return page.asarray()
+            _tiff_yx(page, path)
+            arr = page.asarray()
+            if page.axes == "SYX":  # planar (channel-first) samples: channels last, whatever the sizes
+                arr = np.moveaxis(arr, 0, -1)
+            if not labels and arr.ndim == 3 and arr.shape[-1] not in (1, 2, 3, 4):
+                # decided here, where the file says which axis holds the samples
+                raise FineMaskError(f"unsupported channel count {arr.shape[-1]} (need 1-4 channels)", path)
+            if logged:
+                warnings.warn(f"{path}: the TIFF looks damaged ({logged[0]}); check the result", stacklevel=3)
+            return arr
     except FineMaskError:
         raise
     except Exception as exc:  # tifffile raises many types for corrupt files
+        if "imagecodecs" in str(exc):  # LZW, JPEG, ... compression: a missing codec, not a bad file
+            raise FineMaskError(f"cannot read this TIFF's compression ({exc}): pip install imagecodecs", path) from None
         raise FineMaskError(f"cannot read TIFF: corrupt or truncated file ({exc})", path) from None
+
+
+class _ThreadRecords(logging.Handler):
+    """Keeps the messages a logger emits in one thread."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.thread = threading.get_ident()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.thread == self.thread:
+            self.messages.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def _tifffile_log() -> Iterator[list[str]]:
+    """Collect the errors tifffile logs while this thread reads a file.
+
+    tifffile logs the damage it works around (bad strip counts, tags pointing past the end of
+    the file) instead of raising. Without a handler of ours those lines went to stderr ahead of
+    the one-line error of the CLI; collected here, they become part of a warning instead.
+    """
+    logger = logging.getLogger("tifffile")
+    handler = _ThreadRecords()
+    logger.addHandler(handler)
+    try:
+        yield handler.messages
+    finally:
+        logger.removeHandler(handler)
 
 
 def _read_pil(path: Path, max_pixels: int | None, labels: bool) -> np.ndarray:

@@ -246,14 +246,20 @@ class Refiner:
     def from_pretrained(cls, name_or_path: str | Path, **kwargs: Any) -> Refiner:
         """Load a FineMask refinement checkpoint (a shipped name or a folder)."""
         state, card = load_checkpoint(name_or_path)
+        path = Path(str(name_or_path))
         if card.architecture != ARCHITECTURE:
             raise FineMaskError(f"this model is a {card.architecture!r} model, not a refinement "
-                                f"({ARCHITECTURE!r}) model", Path(str(name_or_path)))
+                                f"({ARCHITECTURE!r}) model", path)
+        # Build on the meta device first: a config that cannot be built, or tensors that do not
+        # fit it, are refused before any memory is allocated for the module.
         try:
-            model = build_refinement_module(card.config)
-        except (TypeError, ValueError) as exc:
-            raise FineMaskError(f"model card has an unusable config ({exc})", Path(str(name_or_path))) from None
-        _load_state(model, state, Path(str(name_or_path)))
+            with torch.device("meta"):
+                probe = build_refinement_module(card.config)
+        except Exception as exc:  # any failure of an untrusted config is the card's problem
+            raise FineMaskError(f"model card has an unusable config ({exc})", path) from None
+        _check_state(probe.state_dict(), state, path)
+        model = build_refinement_module(card.config)
+        _load_state(model, state, path)
         return cls(model, card=card, **kwargs)
 
     @classmethod
@@ -699,6 +705,12 @@ def _check_cancel(cancel: CancelFn | None) -> None:
 def _load_state(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
     """Strict load with plain-words errors; BatchNorm step counters may be absent."""
     own = model.state_dict()
+    _check_state(own, state, path)
+    model.load_state_dict({k: state.get(k, v) for k, v in own.items()}, strict=True)
+
+
+def _check_state(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], path: Path) -> None:
+    """Raise ``FineMaskError`` unless ``state`` has the keys and shapes of ``own``."""
     missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in own]
     if missing or unexpected:
@@ -712,5 +724,3 @@ def _load_state(model: nn.Module, state: dict[str, torch.Tensor], path: Path) ->
              if k in state and state[k].shape != v.shape]
     if wrong:
         raise FineMaskError(f"weights have wrong shapes: {'; '.join(wrong[:3])}", path)
-    merged = {k: state.get(k, v) for k, v in own.items()}
-    model.load_state_dict(merged, strict=True)

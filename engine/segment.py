@@ -58,14 +58,20 @@ class Segmenter:
         from .models import SegmenterConfig, create_model
 
         state, card = load_checkpoint(name_or_path)
+        path = Path(str(name_or_path))
         if card.task != "segmentation":
-            raise FineMaskError(f"model is a {card.task} model, not a segmentation model", Path(str(name_or_path)))
+            raise FineMaskError(f"model is a {card.task} model, not a segmentation model", path)
+        # Build on the meta device first: a card whose config cannot be built, or whose tensors
+        # do not fit it, is refused before any memory is allocated for it.
         try:
             config = SegmenterConfig(**card.config)
-            model = create_model(config, inference=True)
-        except (TypeError, ValueError) as exc:
-            raise FineMaskError(f"model card's config does not describe a DSRL model ({exc})", Path(str(name_or_path))) from None
-        load_inference_state(model, state, name_or_path)
+            with torch.device("meta"):
+                probe = create_model(config, inference=True)
+        except Exception as exc:  # any failure of an untrusted config is the card's problem
+            raise FineMaskError(f"model card's config does not describe a DSRL model ({exc})", path) from None
+        check_inference_state(probe.state_dict(), state, path)
+        model = create_model(config, inference=True)
+        load_inference_state(model, state, path)
         return cls(model, card, device)
 
     @property
@@ -153,23 +159,29 @@ class Segmenter:
         return logits[:, :, : 2 * h, : 2 * w]
 
 
+def check_inference_state(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], source: object) -> None:
+    """Raise ``FineMaskError`` unless ``state`` (training branches aside) has exactly the keys
+    and shapes of ``own``, an inference model's state dict."""
+    from .models import strip_training_branches
+
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in strip_training_branches(state) if k not in own]
+    wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    parts = [
+        f"missing tensors: {', '.join(missing[:5])}" if missing else "",
+        f"tensors of no layer: {', '.join(unexpected[:5])}" if unexpected else "",
+        f"shape mismatch: {', '.join(f'{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}' for k in wrong[:5])}"
+        if wrong else "",
+    ]
+    if any(parts):
+        detail = "; ".join(p for p in parts if p)
+        raise FineMaskError(f"weights do not match the model described by the card ({detail})", Path(str(source)))
+
+
 def load_inference_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: object) -> None:
     """Load the inference part of a (possibly training) state dict, with clear errors."""
     own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or wrong:
-        detail = "; ".join(
-            part
-            for part in (
-                f"missing tensors: {', '.join(missing[:5])}" if missing else "",
-                f"shape mismatch: {', '.join(f'{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}' for k in wrong[:5])}"
-                if wrong
-                else "",
-            )
-            if part
-        )
-        raise FineMaskError(f"weights do not match the model described by the card ({detail})", Path(str(source)))
+    check_inference_state(own, state, source)
     model.load_state_dict({k: state[k] for k in own})
 
 
@@ -188,4 +200,4 @@ def _full_size_result(low_probs: torch.Tensor, full: tuple[int, int], working: t
     return SegResult(labels=labels, probs=probs, working_size=working)
 
 
-__all__ = ["SegResult", "Segmenter", "load_inference_state"]
+__all__ = ["SegResult", "Segmenter", "check_inference_state", "load_inference_state"]

@@ -53,6 +53,8 @@ FORMAT_VERSION = 1
 ORIGINS = ("predicted", "refined", "corrected")
 SPLITS = ("train", "validation")
 DEFAULT_HISTORY_LIMIT = 10
+#: Label value of pixels nobody labelled; a store accepts it whatever its class names.
+UNLABELLED = 255
 #: Share of pairs whose image hash puts them in validation.
 VALIDATION_FRACTION = 0.2
 #: From this many pairs on, at least one pair is in validation.
@@ -231,6 +233,8 @@ class Store:
             raise FineMaskError("class names must be a non-empty list of non-empty names", self.root)
         with self._locked():
             manifest = self._read_manifest()
+            used = sorted({int(c) for r in manifest["pairs"] for c in r["classes"]})
+            check_class_ids(used, names, self.manifest_path, existing=True)  # stored ids keep their names
             manifest["settings"]["class_names"] = names
             self._write_manifest(manifest)
 
@@ -348,6 +352,8 @@ class Store:
 
         with self._locked():
             manifest = self._read_manifest()
+            check_class_ids(classes, manifest["settings"].get("class_names"),
+                            _labels_source(labels, source if source is not None else self.root))
             pair_id = self._new_id(manifest, base, must_be_new=name is not None)
             image_rel = f"{IMAGES_DIR}/{pair_id}{suffix}"
             labels_rel = _labels_name(pair_id, 1)
@@ -407,6 +413,7 @@ class Store:
         with self._locked():
             manifest = self._read_manifest()
             entry = self._find(manifest, pair_id)
+            check_class_ids(classes, manifest["settings"].get("class_names"), _labels_source(labels, rec.image_path))
             labels_rel = _labels_name(pair_id, entry["next_version"])
             labels_path = self.root / labels_rel
             try:
@@ -705,6 +712,39 @@ def _prepare_labels(labels: Any, shape: tuple[int, int], image_file: Path, what:
                 image_file,
             )
     return arr.astype(np.uint16, copy=False)
+
+
+def check_class_ids(
+    classes: Iterable[int], class_names: list[str] | None, path: str | Path | None, *, existing: bool = False
+) -> None:
+    """Refuse class ids the store has no name for; ``path`` names the labels (or the image).
+
+    Once a store names its classes, every id in its labels must be one of them, except
+    :data:`UNLABELLED` (255, pixels nobody labelled), so a store never holds classes nobody can
+    name and fine-tuning never meets an id outside the model's classes by accident. A store
+    without names (``class_names`` None) takes any id. ``existing``: the ids are those of the
+    labels already stored (the names are what is being checked).
+    """
+    if class_names is None:
+        return
+    n = len(class_names)
+    unnamed = sorted({int(c) for c in classes if int(c) >= n and int(c) != UNLABELLED})
+    if unnamed:
+        shown = ", ".join(map(str, unnamed[:5])) + (" ..." if len(unnamed) > 5 else "")
+        if existing:
+            remedy = f"labels already in the store use them: give at least {unnamed[-1] + 1} names"
+        else:
+            remedy = "name the new classes first (Store.set_class_names, `finemask store classes`) or fix the labels"
+        raise FineMaskError(
+            f"class id(s) {shown} have no name in this store: it names {n} classes (ids 0..{n - 1}; "
+            f"{UNLABELLED} = unlabelled); {remedy}",
+            path,
+        )
+
+
+def _labels_source(labels: Any, fallback: Path) -> Path:
+    """The file to name in errors about labels: the labels file, else the image."""
+    return Path(labels).expanduser() if isinstance(labels, (str, Path)) else fallback
 
 
 def _classes_present(labels: np.ndarray) -> list[int]:

@@ -39,7 +39,7 @@ from engine.errors import FineMaskError
 from engine.filelock import FileLock
 from engine.io import default_palette
 from engine.metrics import boundary_accuracy_multiclass, confusion_matrix_open, miou
-from engine.store import Store
+from engine.store import UNLABELLED, Store
 from training.augment import resize_labels
 from training.data.store_dataset import NO_IGNORE, StoreDataset
 from training.loop import EpochKeyed, LoopConfig, train_loop
@@ -59,8 +59,8 @@ class FinetuneConfig:
     ``steps``: step budget; ``time_budget_s``: seconds of training after which the run ends
     normally (whichever comes first). ``crop``: (height, width) of the training crops at the
     model's output scale (DSRL) ; refiners always use 224x224 crops. ``ignore_index``: label
-    value that marks unlabelled pixels (never a class). ``name``: the version's name (default
-    ``<base>-ft<N>``). ``input_size``: a new working size (width, height) for a segmenter, say to
+    value that marks unlabelled pixels (never a class; default 255, the store's unlabelled
+    value). ``name``: the version's name (default ``<base>-ft<N>``). ``input_size``: a new working size (width, height) for a segmenter, say to
     move a street-scene model to 4K fundus images; training then sees the data at that scale.
     """
 
@@ -70,7 +70,7 @@ class FinetuneConfig:
     lr: float = 1e-4
     crop: tuple[int, int] = (256, 256)
     seed: int = 0
-    ignore_index: int | None = None
+    ignore_index: int | None = UNLABELLED
     name: str | None = None
     input_size: tuple[int, int] | None = None
     ckpt_every: int = 25

@@ -149,7 +149,8 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--crop", type=int, nargs=2, default=(256, 256), metavar=("H", "W"),
                         help="training crop at the model's output scale (segmentation models)")
-    parser.add_argument("--ignore-index", type=int, default=None, help="label value of unlabelled pixels (e.g. 255)")
+    parser.add_argument("--ignore-index", type=int, default=255,
+                        help="label value of unlabelled pixels (255, the store's convention; -1: none)")
     parser.add_argument("--name", default=None, help="name of the new version (default <base>-ftN)")
     parser.add_argument("--input-size", type=int, nargs=2, default=None, metavar=("W", "H"),
                         help="new working size of a segmenter (default: the base model's)")
@@ -170,7 +171,8 @@ def run_finetune(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     cfg = FinetuneConfig(steps=args.steps, time_budget_s=None if args.minutes is None else 60 * args.minutes,
                          batch_size=args.batch_size, lr=args.lr, crop=tuple(args.crop), seed=args.seed,
-                         ignore_index=args.ignore_index, name=args.name, log_every=args.log_every,
+                         ignore_index=None if args.ignore_index < 0 else args.ignore_index, name=args.name,
+                         log_every=args.log_every,
                          input_size=None if args.input_size is None else tuple(args.input_size))
     bar = tqdm(total=args.steps, unit="step", desc="fine-tune", disable=rank != 0)
 

@@ -28,11 +28,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_add(args: argparse.Namespace) -> int:
-    from engine.errors import FineMaskError
-    from engine.io import LABEL_SUFFIXES
-    from engine.store import Store
+    """Add each image with its label file (matched by file stem).
 
-    store = Store.open(args.store)
+    One image: a problem is the command's error (exit 2). Several: each problem is reported and
+    the other pairs are added (exit 1 if any failed). A store folder that does not exist yet is
+    made only once a pair has been read without problems.
+    """
+    from engine.errors import FineMaskError
+    from engine.io import LABEL_SUFFIXES, read_image, read_labels
+    from engine.store import MANIFEST, Store
+
+    store = Store.open(args.store) if (args.store / MANIFEST).is_file() else None
     failed = 0
     for image in args.images:
         candidates = [args.labels / f"{image.stem}{s}" for s in LABEL_SUFFIXES]
@@ -40,9 +46,14 @@ def run_add(args: argparse.Namespace) -> int:
         try:
             if labels is None:
                 raise FineMaskError(f"no label file named {image.stem}.* in {args.labels}", image)
+            if store is None:  # read the pair before making a new store folder for it
+                read_labels(labels, shape=read_image(image).shape[:2])
+                store = Store.open(args.store)
             pair = store.add(image, labels, origin=args.origin, name=image.stem)
             print(f"added {pair} ({store.get(pair).split})")
         except FineMaskError as exc:
+            if len(args.images) == 1:
+                raise
             failed += 1
             print(f"skipped: {exc}")
     return 1 if failed else 0

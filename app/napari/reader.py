@@ -28,6 +28,7 @@ LayerData = tuple[np.ndarray, dict[str, Any], str]
 #: A single-channel integer TIFF with at most this many distinct values is read as labels.
 MAX_LABEL_VALUES = 64
 _IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
+_LABEL_SUFFIXES = (".tif", ".tiff", ".png")
 
 
 def get_reader(path: str | list[str]) -> Callable[[Any], list[LayerData]] | None:
@@ -67,19 +68,27 @@ def store_root(path: str | Path) -> Path | None:
 
 def file_kind(path: str | Path) -> str | None:
     """"labels", "image" or None (not a file this reader should claim)."""
-    path = Path(path)
+    try:
+        return _file_kind(Path(path))
+    except OSError:  # e.g. a name too long for the file system: not ours to read
+        return None
+
+
+def _file_kind(path: Path) -> str | None:
     suffix = path.suffix.lower()
     if suffix not in _IMAGE_SUFFIXES or not path.is_file():
         return None
     root = store_root(path)
     if root is not None:
-        return "labels" if path.parent.name == "labels" else "image"
+        if path.parent.name == "labels":
+            return "labels" if suffix in _LABEL_SUFFIXES else None  # a .jpg is nobody's label map
+        return "image"
     if suffix == ".png":
         from PIL import Image
 
         try:
             with Image.open(path) as im:
-                return "labels" if im.mode == "P" else None
+                return "labels" if im.mode == "P" and im.format == "PNG" else None  # not a GIF named .png
         except Exception:  # noqa: BLE001 - not a readable PNG: leave it to other readers
             return None
     if suffix in (".tif", ".tiff"):
@@ -90,11 +99,15 @@ def file_kind(path: str | Path) -> str | None:
 def _label_like_tiff(path: Path) -> bool:
     import tifffile
 
+    from engine.io import max_pixels_limit
+
     try:
         with tifffile.TiffFile(path) as tif:
             page = tif.pages[0]
             if len(tif.pages) != 1 or page.ndim != 2 or np.dtype(page.dtype).kind not in "ui":
                 return False
+            if int(np.prod(page.shape, dtype=np.int64)) > max_pixels_limit():
+                return False  # never decode a page over the pixel limit just to look at it
             data = page.asarray()
     except Exception:  # noqa: BLE001 - unreadable: leave it to other readers
         return False
@@ -121,23 +134,43 @@ def read_labels_layer(path: str | Path) -> LayerData:
 
 
 def read_image_layer(path: str | Path) -> LayerData:
-    """An image file as an Image layer, pixels as stored (uint8/uint16...)."""
-    from engine.io import read_image
+    """An image file as an Image layer, pixels as stored (uint8/uint16...).
+
+    Other pixel types and layouts are normalised (and checked) the engine's way; a bad file is a
+    FineMaskError naming it.
+    """
+    from engine.io import image_shape, read_image
 
     path = Path(path)
+    image_shape(path)  # the engine's checks of the file type, header and pixel limit, before decoding
+    try:
+        data = _stored_pixels(path)
+    except Exception as exc:  # noqa: BLE001 - the decoders raise many types for damaged files
+        raise FineMaskError(f"cannot read the image: corrupt or truncated file ({exc})", path) from None
+    if data is None:
+        data = (read_image(path) * 255 + 0.5).astype(np.uint8)
+    rgb = data.ndim == 3
+    return data, {"name": path.stem, "rgb": rgb, "metadata": {"source_file": str(path)}}, "image"
+
+
+def _stored_pixels(path: Path) -> np.ndarray | None:
+    """The first image of ``path`` as stored when it is uint8/uint16 gray, RGB or RGBA, else None."""
     if path.suffix.lower() in (".tif", ".tiff"):
         import tifffile
 
-        data = tifffile.imread(path)
-    else:
-        from PIL import Image
+        with tifffile.TiffFile(path) as tif:
+            page = tif.pages[0]
+            samples_ok = page.axes == "YX" or (page.axes == "YXS" and page.shape[-1] in (3, 4))
+            if not samples_ok or np.dtype(page.dtype) not in (np.uint8, np.uint16):
+                return None
+            return page.asarray()
+    from PIL import Image
 
-        with Image.open(path) as im:
-            data = np.asarray(im.convert("RGB") if im.mode not in ("L", "I;16", "RGB", "RGBA") else im)
-    if data.ndim not in (2, 3) or (data.ndim == 3 and data.shape[-1] not in (3, 4)):
-        data = (read_image(path) * 255 + 0.5).astype(np.uint8)  # normalised the engine's way
-    rgb = data.ndim == 3
-    return data, {"name": path.stem, "rgb": rgb, "metadata": {"source_file": str(path)}}, "image"
+    with Image.open(path) as im:
+        if im.mode not in ("L", "I;16", "RGB", "RGBA"):
+            return None
+        im.load()
+        return np.asarray(im)
 
 
 def _store_class_names(path: Path) -> list[str] | None:

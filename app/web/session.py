@@ -27,7 +27,7 @@ import numpy as np
 from engine.checkpoints import ModelCard, available_models, read_card, resolve
 from engine.errors import FineMaskError
 from engine.io import IMAGE_SUFFIXES, image_shape, read_image, read_labels, write_labels
-from engine.store import PairRecord, Store
+from engine.store import PairRecord, Store, check_class_ids
 
 from .editor import EditResult, apply_strokes, brush_colours, strokes_from_layers
 from .render import class_shares, fit_size
@@ -444,6 +444,9 @@ class Workbench:
             raise FineMaskError("nothing to save yet: segment the image first")
         store = self.store
         if store.class_names is None and work.classes:
+            # Check before naming the store's classes, so refused labels leave the store untouched.
+            present = np.flatnonzero(np.bincount(work.labels.reshape(-1)))
+            check_class_ids(present, work.classes, work.path if work.path is not None else Path(work.name))
             store.set_class_names(work.classes)
         pair_id = work.pair_id if work.pair_id in store else self._pair_of_same_image(work)
         origin = work.origin or "corrected"

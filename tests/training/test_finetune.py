@@ -216,3 +216,18 @@ def test_a_single_pair_store_fine_tunes_without_validation(tmp_path):
     assert read_card(res.model_path).metrics["after"]["pairs"] == 0
     with pytest.raises(FineMaskError, match="at least 2"):
         finetune(store, base, FinetuneConfig(steps=3, batch_size=1))
+
+
+def test_unlabelled_pixels_are_ignored_by_default_not_a_new_class(tmp_path):
+    """Stores mark unpainted pixels 255 (napari's eraser, the web editor); by default they are
+    ignored, so a 2-class model stays a 2-class model."""
+    base = make_tiny_segmenter(tmp_path / "base", num_classes=2, input_size=(48, 36))
+    store = Store.open(tmp_path / "s")
+    image, labels = scene(0)
+    labels = labels.astype(np.uint8)
+    labels[:10] = 255
+    store.add(image, labels, origin="corrected")
+    res = finetune(store, base, FinetuneConfig(steps=2, **FAST))
+    assert len(read_card(res.model_path).classes) == 2
+    grown = finetune(store, base, FinetuneConfig(steps=2, ignore_index=None, name="grown", **FAST))
+    assert len(read_card(grown.model_path).classes) == 256  # what happened before the default
