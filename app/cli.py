@@ -16,6 +16,7 @@ COMMANDS = {
     "evaluate": "app.commands.evaluate",
     "store": "app.commands.store",
     "finetune": "app.commands.finetune",
+    "batch": "app.commands.batch",
 }
 
 
