@@ -10,7 +10,9 @@ API (``gradio_client``): named endpoints ``/segment``, ``/refine``, ``/save``, `
 events are private. Every endpoint and button calls the same :class:`~app.web.session.Workbench`.
 
 All model work shares one concurrency group (``--concurrency``, default 1), so however many
-people use the page, at most that many jobs hold memory at once; the rest wait in the queue.
+people use the page, at most that many jobs hold memory at once; the rest wait in a queue of at
+most ``--queue-size`` (20) requests, and requests beyond that are refused at once ("Queue is
+full", HTTP 503 from ``/queue/join``; ``gradio_client`` raises ``QueueError``).
 """
 from __future__ import annotations
 
@@ -111,8 +113,31 @@ def user_errors(fn: Callable) -> Callable:
             log.exception("unexpected error in %s", fn.__name__)
             raise gr.Error(f"Unexpected error ({type(exc).__name__}: {exc}). The server log has the details.",
                            print_exception=False) from None
+        finally:
+            release_freed_memory()
 
     return wrapper
+
+
+@functools.cache
+def _libc() -> Any:
+    import ctypes
+
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc
+        return None
+
+
+def release_freed_memory() -> None:
+    """Give memory freed by a finished job back to the system (glibc's ``malloc_trim``).
+
+    Without it glibc keeps the freed pages of a big image's arrays, and the idle server stays
+    at its peak size; see docs/RELIABILITY.md. Does nothing where the C library is not glibc.
+    """
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -321,8 +346,9 @@ def build_app(config: WebConfig | None = None, *, model: str | Path | None = Non
             with gr.Column(scale=1, min_width=300):
                 image_file = gr.File(label="Image (PNG, JPEG, TIFF incl. 16-bit)", file_types=UPLOAD_TYPES,
                                      type="filepath", elem_id="image-file")
-                if cfg.examples:
-                    gr.Examples(examples=[[str(p)] for p in cfg.examples], inputs=[image_file],
+                examples = served_examples(cfg.examples, warn=True)
+                if examples:
+                    gr.Examples(examples=[[str(p)] for p in examples], inputs=[image_file],
                                 label="Examples", elem_id="examples")
                 model_dd = gr.Dropdown(seg_choices, value=bench.default_model, label="Segmentation model",
                                        elem_id="model")
@@ -430,6 +456,26 @@ def build_app(config: WebConfig | None = None, *, model: str | Path | None = Non
     return demo
 
 
+def served_examples(paths: list[Path], *, warn: bool = False) -> list[Path]:
+    """The example images that may be shown and served: regular files that really lie in the
+    folder they are listed in.
+
+    A symlink that leads out of its folder is left out: Gradio would copy its target into its
+    cache (served to anyone) and the target's folder would otherwise become an allowed path.
+    """
+    kept = []
+    for p in map(Path, paths):
+        try:
+            real, folder = p.resolve(strict=True), p.parent.resolve(strict=True)
+        except (OSError, RuntimeError):  # missing, or a symlink loop
+            continue
+        if real.is_file() and real.is_relative_to(folder):
+            kept.append(p)
+        elif warn:
+            log.warning("example %s is not a file inside %s: not offered", p, folder)
+    return kept
+
+
 def _default_colours(bench: Workbench) -> list[tuple[int, int, int]]:
     from .editor import brush_colours
 
@@ -467,13 +513,16 @@ def _sweep(folder: Path, max_age_s: float) -> None:
 def launch(demo: gr.Blocks, *, block: bool = True) -> str:
     """Start the server with the Workbench's settings; print and return the local address.
 
-    Only the bundled examples' folder is served besides Gradio's own upload and cache folders;
-    the annotation store is blocked explicitly. With ``block`` False return at once (tests).
+    Only the examples' folder is served besides Gradio's own upload and cache folders (Gradio
+    resolves symlinks, so a link in that folder to a file outside it is refused); the annotation
+    store is blocked explicitly. With ``block`` False return at once (tests).
     """
     bench: Workbench = demo.finemask  # type: ignore[attr-defined]
     cfg = bench.config
-    demo.queue(default_concurrency_limit=max(1, cfg.concurrency), max_size=cfg.queue_size)
-    allowed = sorted({str(Path(p).resolve().parent) for p in cfg.examples})
+    demo.queue(default_concurrency_limit=max(1, cfg.concurrency), max_size=max(1, cfg.queue_size))
+    # The folder an example is listed in, not its target's: a symlinked example must not open up
+    # the folder it points into.
+    allowed = sorted({str(p.parent.resolve()) for p in served_examples(cfg.examples)})
     _, url, share_url = demo.launch(
         server_name=cfg.host, server_port=cfg.port, share=cfg.share, auth=cfg.auth,
         max_file_size=cfg.max_file_size, allowed_paths=allowed, blocked_paths=[str(bench.store.root.resolve())],
@@ -506,6 +555,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"largest image in pixels (default $FINEMASK_MAX_PIXELS or {8192 * 8192:,})")
     p.add_argument("--max-file-size", default="500mb", help="largest upload, e.g. 500mb (default)")
     p.add_argument("--concurrency", type=int, default=1, help="model jobs running at once over all users (1)")
+    p.add_argument("--queue-size", type=int, default=20,
+                   help="requests waiting for a job slot (20); more are refused at once with 'Queue is full'")
     p.add_argument("--editor-size", type=int, default=1280,
                    help="longest side of the image in the correction editor; larger images are edited on a preview")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -522,7 +573,8 @@ def config_from_args(args: argparse.Namespace) -> WebConfig:
         auth = (user, password)
     cfg = WebConfig(host=args.host, port=args.port, share=args.share, auth=auth, model=args.model,
                     refiner=args.refiner, max_pixels=args.max_pixels, max_file_size=args.max_file_size,
-                    concurrency=max(1, args.concurrency), editor_max_side=args.editor_size, device=args.device)
+                    concurrency=max(1, args.concurrency), queue_size=max(1, args.queue_size),
+                    editor_max_side=args.editor_size, device=args.device)
     if args.store is not None:
         cfg.store = args.store
     return cfg
@@ -551,4 +603,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["CancelFlags", "build_app", "config_from_args", "launch", "main", "parse_args", "user_errors"]
+__all__ = ["CancelFlags", "build_app", "config_from_args", "launch", "main", "parse_args", "release_freed_memory",
+           "served_examples", "user_errors"]
