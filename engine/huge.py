@@ -38,8 +38,8 @@ from .refine import (
     GlobalResult,
     RefinementCancelled,
     Refiner,
-    _class_counts,
-    _enlarged_bboxes,
+    class_counts,
+    enlarged_bboxes,
     select_tiles,
 )
 from .tiling import (
@@ -332,9 +332,7 @@ def segment_lazy(segmenter: Any, image: Any, working_size: int | None = None) ->
         small = torch.from_numpy(area_resize(image, h, w, convert=unit_rgb)).permute(2, 0, 1)[None]
     else:  # smaller than the working size: small enough to read whole, enlarged as predict does
         small = resize(to_tensor(unit_rgb(np.asarray(image[0:H, 0:W])))[None], (h, w))
-    # Segmenter has no public call returning probabilities at the model's output size; _logits is
-    # what predict_batch runs after resizing.
-    low = segmenter._logits(small).softmax(dim=1).float().cpu()[0]
+    low = segmenter.logits(small).softmax(dim=1).float().cpu()[0]  # what predict_batch runs after resizing
     return CoarseSegmentation(low=low, full_shape=(H, W))
 
 
@@ -372,14 +370,14 @@ def refine_labels_tiled(image: Any, labels: np.ndarray, probs: Any, refiner: Ref
     H, W = labels.shape
     if tuple(image.shape[:2]) != (H, W):
         raise FineMaskError(f"labels {labels.shape} do not match the image size {tuple(image.shape[:2])}")
-    counts = _class_counts(labels)
+    counts = class_counts(labels)
     classes = [int(c) for c in np.flatnonzero(counts)]
     if probs is not None and classes and max(classes) >= probs.shape[0]:
         raise FineMaskError(f"labels contain class {max(classes)} but probs has {probs.shape[0]} classes")
     out = labels.copy()
     if len(classes) < 2:
         return out
-    boxes = _enlarged_bboxes(labels, classes)
+    boxes = enlarged_bboxes(labels, classes)
     two = len(classes) == 2
     steps = 1 if two else len(classes)
 
@@ -433,7 +431,7 @@ def _refine_box(image: Any, box: Box, mask: np.ndarray, refiner: Refiner, *, L: 
     glob = refiner.global_step(view, mask, lambda a: a, L)
     if fast:
         on_progress(1, 1, "done")
-        return refiner._upsample_global(glob)
+        return refiner.upsample_global(glob)
     tiles = tile_grid(h, w, L, margin=TILE_MARGIN)
     chosen = select_tiles(tiles, glob, selection, core_margin=L // 8)
     batches = [chosen[b:b + batch_size] for b in range(0, len(chosen), batch_size)]

@@ -343,7 +343,7 @@ class Refiner:
             if fast:
                 if on_progress:
                     on_progress(1, 1, "done")
-                return self._upsample_global(glob)
+                return self.upsample_global(glob)
             t0 = time.perf_counter()
             out = self.local_step(image, glob, L, selection=selection, batch_size=batch_size,
                                   on_progress=on_progress, cancel=cancel)
@@ -375,7 +375,7 @@ class Refiner:
             raise FineMaskError(f"labels must hold integer class indices, got dtype {labels.dtype}")
         if probs is not None and (probs.ndim != 3 or probs.shape[1:] != labels.shape):
             raise FineMaskError(f"probs must be (C, H, W) with (H, W) = {labels.shape}, got {probs.shape}")
-        counts = _class_counts(labels)
+        counts = class_counts(labels)
         classes = [int(c) for c in np.flatnonzero(counts) if ignore_index is None or c != ignore_index]
         if probs is not None and classes and max(classes) >= probs.shape[0]:
             raise FineMaskError(f"labels contain class {max(classes)} but probs has {probs.shape[0]} classes")
@@ -386,7 +386,7 @@ class Refiner:
         n = len(classes)
         has_ignored = ignore_index is not None and 0 <= ignore_index < len(counts) and counts[ignore_index] > 0
         two = n == 2 and not has_ignored
-        boxes = _enlarged_bboxes(labels, classes)
+        boxes = enlarged_bboxes(labels, classes)
         # Memory guard, before any work: the result labels and best confidence (full size), and the
         # largest class box's refinement (result + count + its confidence map) with one tile.
         box_area = max((y1 - y0) * (x1 - x0) for (y0, y1, x0, x1) in boxes.values())
@@ -531,7 +531,8 @@ class Refiner:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda_bf16):
             return model(img, seg, prev_os8)
 
-    def _upsample_global(self, glob: GlobalResult) -> np.ndarray:
+    def upsample_global(self, glob: GlobalResult) -> np.ndarray:
+        """The global step's confidence at full size (what ``fast=True`` returns)."""
         H, W = glob.full_shape
         gh, gw = glob.os1.shape
         if gh > H or gw > W:  # the image was enlarged for the global step: shrink back by area
@@ -635,7 +636,7 @@ def _greedy_cover(candidates: list[Tile], cells: dict[int, np.ndarray]) -> list[
     return sorted(picked, key=lambda t: t.index)
 
 
-def _class_counts(labels: np.ndarray) -> np.ndarray:
+def class_counts(labels: np.ndarray) -> np.ndarray:
     """Pixel count per class value (bincount in row strips; labels are non-negative)."""
     if labels.dtype == np.bool_:
         labels = labels.view(np.uint8)
@@ -649,7 +650,7 @@ def _class_counts(labels: np.ndarray) -> np.ndarray:
     return counts
 
 
-def _enlarged_bboxes(labels: np.ndarray, classes: list[int]) -> dict[int, tuple[int, int, int, int]]:
+def enlarged_bboxes(labels: np.ndarray, classes: list[int]) -> dict[int, tuple[int, int, int, int]]:
     """Per class, the bounding box (y0, y1, x0, x1) grown by 12.5% of its size per side (25% in
     all, as in the reference's multi-class evaluation), at least 8 px, clipped to the image.
     Computed in row strips (no full-size temporaries)."""

@@ -112,7 +112,7 @@ class Segmenter:
                     raise InterruptedError("segmentation cancelled")
                 idx = group[c0:c0 + size]
                 batch = torch.stack([resize(to_tensor(arrays[i])[None], shape)[0] for i in idx])
-                low = self._logits(batch).softmax(dim=1).float().cpu()
+                low = self.logits(batch).softmax(dim=1).float().cpu()
                 for j, i in enumerate(idx):
                     results[i] = _full_size_result(low[j], arrays[i].shape[:2], shape)
                 done += len(idx)
@@ -146,7 +146,7 @@ class Segmenter:
         return self._activation_bpp
 
     @torch.inference_mode()
-    def _logits(self, batch: torch.Tensor) -> torch.Tensor:
+    def logits(self, batch: torch.Tensor) -> torch.Tensor:
         """(B, 3, h, w) in [0, 1] -> logits (B, C, 2h, 2w); the model normalises its input itself."""
         x, (h, w) = pad_to_multiple(batch, self.model.pad_multiple)
         x = x.to(self.device)
