@@ -38,8 +38,7 @@ from .refine import (
     GlobalResult,
     RefinementCancelled,
     Refiner,
-    class_counts,
-    enlarged_bboxes,
+    arbitrate_classes,
     select_tiles,
 )
 from .tiling import (
@@ -359,9 +358,9 @@ def refine_labels_tiled(image: Any, labels: np.ndarray, probs: Any, refiner: Ref
 
     ``image``: a ``LazyImage`` (or an array); ``labels``: (H, W) class indices in memory;
     ``probs``: (C, H, W) probabilities indexable by row strips (``LazyProbs``, an array) or None.
-    The class loop, bounding boxes and arbitration follow ``Refiner.refine_labels``; each class's
-    local step goes through ``run_tiles`` (default: in-process) in fixed batches of
-    ``batch_size`` tiles. Returns labels like ``labels``. Raises ``RefinementCancelled``.
+    The class loop, bounding boxes and arbitration are ``Refiner.refine_labels``' own
+    (``engine.refine.arbitrate_classes``); each class's local step goes through ``run_tiles``
+    (default: in-process) in fixed batches of ``batch_size`` tiles. Returns labels like ``labels``. Raises ``RefinementCancelled``.
     """
     if L < 96:
         raise ValueError(f"L must be at least 96, got {L}")
@@ -370,52 +369,13 @@ def refine_labels_tiled(image: Any, labels: np.ndarray, probs: Any, refiner: Ref
     H, W = labels.shape
     if tuple(image.shape[:2]) != (H, W):
         raise FineMaskError(f"labels {labels.shape} do not match the image size {tuple(image.shape[:2])}")
-    counts = class_counts(labels)
-    classes = [int(c) for c in np.flatnonzero(counts)]
-    if probs is not None and classes and max(classes) >= probs.shape[0]:
-        raise FineMaskError(f"labels contain class {max(classes)} but probs has {probs.shape[0]} classes")
-    out = labels.copy()
-    if len(classes) < 2:
-        return out
-    boxes = enlarged_bboxes(labels, classes)
-    two = len(classes) == 2
-    steps = 1 if two else len(classes)
 
-    def refine_class(k: int, c: int) -> np.ndarray:
-        y0, y1, x0, x1 = boxes[c]
+    def refine_box(box: Box, mask: np.ndarray, progress: ProgressFn | None) -> np.ndarray:
+        return _refine_box(image, box, mask, refiner, L=L, fast=fast, selection=selection,
+                           batch_size=batch_size, run_tiles=run_tiles,
+                           on_progress=progress or (lambda d, t, m: None), cancel=cancel)
 
-        def progress(done: int, total: int, message: str) -> None:
-            if on_progress is not None:
-                on_progress(k * 1000 + int(1000 * done / max(total, 1)), steps * 1000,
-                            f"class {c} ({k + 1}/{steps}): {message}")
-
-        return _refine_box(image, (y0, y1, x0, x1), labels[y0:y1, x0:x1] == c, refiner, L=L, fast=fast,
-                           selection=selection, batch_size=batch_size, run_tiles=run_tiles,
-                           on_progress=progress, cancel=cancel)
-
-    if two:
-        small, big = sorted(classes, key=lambda c: (counts[c], c))
-        y0, y1, x0, x1 = boxes[small]
-        conf = refine_class(0, small)
-        out[:] = big
-        out[y0:y1, x0:x1] = np.where(conf > 0.5, small, big).astype(out.dtype)
-        return out
-    best = np.full((H, W), 0.5, np.float32)
-    if probs is not None:
-        n_prob = probs.shape[0]
-        for r0 in range(0, H, STRIP_ROWS):
-            lab = labels[r0:r0 + STRIP_ROWS].astype(np.int64)
-            coarse = np.take_along_axis(np.asarray(probs[:, r0:r0 + STRIP_ROWS]),
-                                        np.minimum(lab, n_prob - 1)[None], 0)[0]
-            best[r0:r0 + STRIP_ROWS] = np.where(lab < n_prob, coarse, 0.5)
-    for k, c in enumerate(classes):
-        y0, y1, x0, x1 = boxes[c]
-        conf = refine_class(k, c)
-        region_best = best[y0:y1, x0:x1]
-        wins = conf > region_best
-        out[y0:y1, x0:x1][wins] = c
-        np.copyto(region_best, conf, where=wins)
-    return out
+    return arbitrate_classes(labels, probs, refine_box, on_progress=on_progress)
 
 
 def _refine_box(image: Any, box: Box, mask: np.ndarray, refiner: Refiner, *, L: int, fast: bool,

@@ -375,60 +375,22 @@ class Refiner:
             raise FineMaskError(f"labels must hold integer class indices, got dtype {labels.dtype}")
         if probs is not None and (probs.ndim != 3 or probs.shape[1:] != labels.shape):
             raise FineMaskError(f"probs must be (C, H, W) with (H, W) = {labels.shape}, got {probs.shape}")
-        counts = class_counts(labels)
-        classes = [int(c) for c in np.flatnonzero(counts) if ignore_index is None or c != ignore_index]
-        if probs is not None and classes and max(classes) >= probs.shape[0]:
-            raise FineMaskError(f"labels contain class {max(classes)} but probs has {probs.shape[0]} classes")
-        out = labels.copy()
         H, W = labels.shape
-        if len(classes) < 2:
-            return (out, np.ones((H, W), np.float32)) if return_confidence else out
-        n = len(classes)
-        has_ignored = ignore_index is not None and 0 <= ignore_index < len(counts) and counts[ignore_index] > 0
-        two = n == 2 and not has_ignored
-        boxes = enlarged_bboxes(labels, classes)
-        # Memory guard, before any work: the result labels and best confidence (full size), and the
-        # largest class box's refinement (result + count + its confidence map) with one tile.
-        box_area = max((y1 - y0) * (x1 - x0) for (y0, y1, x0, x1) in boxes.values())
-        self.adaptive_batch_size(min(L, H), min(L, W), wanted=1, what=f"refining a {W}x{H} label map",
-                                 fixed_bytes=H * W * (labels.itemsize + 5) + 9 * box_area)
 
-        def progress_for(k: int) -> ProgressFn | None:
-            if on_progress is None:
-                return None
-            steps = 1 if two else n
-            return lambda d, t, m: on_progress(k * 1000 + int(1000 * d / max(t, 1)), steps * 1000,
-                                               f"class {classes[k]} ({k + 1}/{steps}): {m}")
+        def guard(boxes: dict[int, tuple[int, int, int, int]]) -> None:
+            # Memory guard, before any work: the result labels and best confidence (full size), and
+            # the largest class box's refinement (result + count + its confidence map) with one tile.
+            box_area = max((y1 - y0) * (x1 - x0) for (y0, y1, x0, x1) in boxes.values())
+            self.adaptive_batch_size(min(L, H), min(L, W), wanted=1, what=f"refining a {W}x{H} label map",
+                                     fixed_bytes=H * W * (labels.itemsize + 5) + 9 * box_area)
 
         kwargs = {"fast": fast, "L": L, "cancel": cancel, "selection": selection, "batch_size": batch_size}
-        if two:
-            small, big = sorted(classes, key=lambda c: (counts[c], c))
-            (y0, y1, x0, x1) = boxes[small]
-            conf = self.refine(image[y0:y1, x0:x1], labels[y0:y1, x0:x1] == small,
-                               on_progress=progress_for(0), **kwargs)
-            out[:] = big
-            out[y0:y1, x0:x1] = np.where(conf > 0.5, small, big).astype(out.dtype)
-            best = np.ones((H, W), np.float32)
-            best[y0:y1, x0:x1] = np.maximum(conf, 1.0 - conf)
-            return (out, best) if return_confidence else out
-        if probs is not None:
-            best = np.empty((H, W), np.float32)
-            n_prob = probs.shape[0]
-            for r0 in range(0, H, STRIP_ROWS):
-                lab = labels[r0:r0 + STRIP_ROWS].astype(np.int64)
-                coarse = np.take_along_axis(probs[:, r0:r0 + STRIP_ROWS], np.minimum(lab, n_prob - 1)[None], 0)[0]
-                best[r0:r0 + STRIP_ROWS] = np.where(lab < n_prob, coarse, 0.5)  # ignored pixels: 0.5
-        else:
-            best = np.full((H, W), 0.5, np.float32)
-        for k, c in enumerate(classes):
-            (y0, y1, x0, x1) = boxes[c]
-            conf = self.refine(image[y0:y1, x0:x1], labels[y0:y1, x0:x1] == c,
-                               on_progress=progress_for(k), **kwargs)
-            region_best = best[y0:y1, x0:x1]
-            wins = conf > region_best
-            out[y0:y1, x0:x1][wins] = c
-            np.copyto(region_best, conf, where=wins)
-        return (out, best) if return_confidence else out
+        return arbitrate_classes(
+            labels, probs,
+            lambda box, mask, progress: self.refine(image[box[0]:box[1], box[2]:box[3]], mask,
+                                                    on_progress=progress, **kwargs),
+            ignore_index=ignore_index, on_progress=on_progress, before_work=guard,
+            return_confidence=return_confidence)
 
     # ---------------------------------------------------------------- the two steps
 
@@ -558,6 +520,72 @@ class Refiner:
         return plan_batch(fixed_bytes=fixed_bytes, item_bytes=self.tile_bytes(th, tw),
                           wanted=wanted or self.max_batch, device=self.device, what=what, unit="tile",
                           hint="try fast mode, a smaller L, or a smaller image")
+
+
+
+#: ``refine_box(box, mask, on_progress) -> float32 confidence of the box`` for one class.
+RefineBoxFn = Callable[[tuple[int, int, int, int], np.ndarray, "ProgressFn | None"], np.ndarray]
+
+
+def arbitrate_classes(labels: np.ndarray, probs: Any, refine_box: RefineBoxFn, *, ignore_index: int | None = None,
+                      on_progress: ProgressFn | None = None,
+                      before_work: Callable[[dict[int, tuple[int, int, int, int]]], None] | None = None,
+                      return_confidence: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """The class loop of :meth:`Refiner.refine_labels`, with each class's refinement delegated.
+
+    ``refine_box`` refines one class's binary mask inside its enlarged box (in memory, or tile by
+    tile on a cluster: ``engine.huge``). ``probs``: (C, H, W) indexable by row strips, or None.
+    ``before_work(boxes)`` runs once the boxes are known (the memory guard).
+    """
+    counts = class_counts(labels)
+    classes = [int(c) for c in np.flatnonzero(counts) if ignore_index is None or c != ignore_index]
+    if probs is not None and classes and max(classes) >= probs.shape[0]:
+        raise FineMaskError(f"labels contain class {max(classes)} but probs has {probs.shape[0]} classes")
+    out = labels.copy()
+    H, W = labels.shape
+    if len(classes) < 2:
+        return (out, np.ones((H, W), np.float32)) if return_confidence else out
+    n = len(classes)
+    has_ignored = ignore_index is not None and 0 <= ignore_index < len(counts) and counts[ignore_index] > 0
+    two = n == 2 and not has_ignored
+    boxes = enlarged_bboxes(labels, classes)
+    if before_work is not None:
+        before_work(boxes)
+
+    def progress_for(k: int) -> ProgressFn | None:
+        if on_progress is None:
+            return None
+        steps = 1 if two else n
+        return lambda d, t, m: on_progress(k * 1000 + int(1000 * d / max(t, 1)), steps * 1000,
+                                           f"class {classes[k]} ({k + 1}/{steps}): {m}")
+
+    if two:
+        small, big = sorted(classes, key=lambda c: (counts[c], c))
+        (y0, y1, x0, x1) = boxes[small]
+        conf = refine_box(boxes[small], labels[y0:y1, x0:x1] == small, progress_for(0))
+        out[:] = big
+        out[y0:y1, x0:x1] = np.where(conf > 0.5, small, big).astype(out.dtype)
+        best = np.ones((H, W), np.float32)
+        best[y0:y1, x0:x1] = np.maximum(conf, 1.0 - conf)
+        return (out, best) if return_confidence else out
+    if probs is not None:
+        best = np.empty((H, W), np.float32)
+        n_prob = probs.shape[0]
+        for r0 in range(0, H, STRIP_ROWS):
+            lab = labels[r0:r0 + STRIP_ROWS].astype(np.int64)
+            coarse = np.take_along_axis(np.asarray(probs[:, r0:r0 + STRIP_ROWS]),
+                                        np.minimum(lab, n_prob - 1)[None], 0)[0]
+            best[r0:r0 + STRIP_ROWS] = np.where(lab < n_prob, coarse, 0.5)  # ignored pixels: 0.5
+    else:
+        best = np.full((H, W), 0.5, np.float32)
+    for k, c in enumerate(classes):
+        (y0, y1, x0, x1) = boxes[c]
+        conf = refine_box(boxes[c], labels[y0:y1, x0:x1] == c, progress_for(k))
+        region_best = best[y0:y1, x0:x1]
+        wins = conf > region_best
+        out[y0:y1, x0:x1][wins] = c
+        np.copyto(region_best, conf, where=wins)
+    return (out, best) if return_confidence else out
 
 
 def select_tiles(tiles: list[Tile], glob: GlobalResult, selection: str, core_margin: int = 112) -> list[Tile]:
