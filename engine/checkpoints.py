@@ -151,6 +151,17 @@ def read_card(name_or_path: str | Path) -> ModelCard:
     return ModelCard.from_dict(data, card_path)
 
 
+def record_metrics(name_or_path: str | Path, key: str, metrics: Any) -> ModelCard:
+    """Store ``metrics`` (JSON-able) under ``card.metrics[key]``; the card is rewritten atomically."""
+    from .atomic import atomic_write_text
+
+    folder = resolve(name_or_path)
+    card = read_card(folder)
+    card.metrics = {**card.metrics, key: json.loads(json.dumps(metrics))}
+    atomic_write_text(folder / CARD_FILE, card.to_json())
+    return card
+
+
 def load_checkpoint(name_or_path: str | Path) -> tuple[dict[str, torch.Tensor], ModelCard]:
     """Load tensors (as float32 where stored as half) and the card; never unpickles."""
     folder = resolve(name_or_path)

@@ -51,6 +51,7 @@ def export_dsrl_run(
         "data": f"{cfg.data} train split ({len(train)} images)",
         "terms": DATA_TERMS.get(cfg.data, "see the dataset's terms"),
         "variant": cfg.variant,
+        "class_weighting": cfg.class_weighting,
         "steps": int(state["step"]),
         "batch_size": cfg.loop.batch_size,
         "crop": list(cfg.crop),

@@ -43,6 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="random rescaling of training images")
     parser.add_argument("--data-scale", type=float, default=1.0, help="rescale the dataset's images first")
     parser.add_argument("--sr-channels", type=int, default=None, help="width of the SISR decoder")
+    parser.add_argument("--class-weighting", default="none", choices=["none", "median", "enet"],
+                        help="cross-entropy class weights: none (DSRL), median-frequency or ENet's 1/ln(1.02+p)")
     parser.add_argument("--steps", type=int, default=20000)
     parser.add_argument("--batch-size", type=int, default=8, help="global batch (split over processes)")
     parser.add_argument("--lr", type=float, default=2e-3)
@@ -104,7 +106,7 @@ def run_dsrl(args: argparse.Namespace) -> int:
     cfg = DSRLTrainConfig(
         data=args.data, variant=args.variant, encoder=args.encoder, output_stride=args.output_stride,
         crop=tuple(args.crop), scale_range=tuple(args.scale_range), data_scale=args.data_scale,
-        model=model_overrides, loop=loop, command=_command_line(),
+        model=model_overrides, class_weighting=args.class_weighting, loop=loop, command=_command_line(),
     )
     run = args.run_dir or Path("runs") / f"{args.data}-{args.variant}"
     return _train_with_bar(train_dsrl, cfg, run, args, rank, f"train {args.variant}")

@@ -106,6 +106,7 @@ def dsrl_loss(
     fa_weight: float = 1.0,
     fa_stride: int = 8,
     ignore_index: int = 255,
+    class_weights: torch.Tensor | None = None,
 ) -> DSRLLoss:
     """DSRL loss: CE(logits, labels; void ignored) + sr_weight * MSE + fa_weight * FA.
 
@@ -118,7 +119,8 @@ def dsrl_loss(
     (``training.sr_target.residual_target(hr, lr)``). SRNet itself trains that residual with
     an L1 loss as an auxiliary task next to its SR image loss; here the residual takes the
     place of DSRL's SR image in the same 0.1-weighted MSE, so the loss keeps DSRL's form.
-    A batch whose labels are all void contributes a CE of zero (not NaN).
+    A batch whose labels are all void contributes a CE of zero (not NaN). ``class_weights``
+    (C,) weight the CE per class (a weighted mean, as ``F.cross_entropy``); DSRL uses none.
     """
     logits = output.logits
     if labels.shape[-2:] != logits.shape[-2:] or labels.shape[0] != logits.shape[0]:
@@ -126,7 +128,8 @@ def dsrl_loss(
     labels = labels.long()
     zero = logits.new_zeros(())
     if (labels != ignore_index).any():
-        ce = F.cross_entropy(logits.float(), labels, ignore_index=ignore_index)
+        weight = None if class_weights is None else class_weights.to(logits.device, torch.float32)
+        ce = F.cross_entropy(logits.float(), labels, weight=weight, ignore_index=ignore_index)
     else:
         ce = logits.sum() * 0.0
     sr = zero

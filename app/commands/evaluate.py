@@ -17,6 +17,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     seg.add_argument("--split", default="val")
     seg.add_argument("--working-size", type=int, default=None, help="longer side fed to the model")
     seg.add_argument("--json", action="store_true", help="print the scores as JSON")
+    seg.add_argument("--record", action="store_true", help="store the scores in the model's card")
     seg.set_defaults(run=run_seg)
 
     ref = jobs.add_parser("refine", help="refinement IoU and mBA before/after, per class, at full resolution")
@@ -30,12 +31,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     ref.add_argument("--fast", action="store_true", help="global step only")
     ref.add_argument("--threads", type=int, default=None)
     ref.add_argument("--json", action="store_true", help="print every row as JSON")
+    ref.add_argument("--record", action="store_true", help="store the summary in the refinement model's card")
     ref.set_defaults(run=run_refine)
 
     sr = jobs.add_parser("sr", help="PSNR/SSIM of a DSRL model's SR branch x2 against bicubic")
     sr.add_argument("--model", default="camvid", help="model name or folder that kept its SR branch")
     sr.add_argument("folder", type=Path, nargs="+", help="folders of *_LR.png / *_HR.png pairs (e.g. sr/Set5/image_SRF_2)")
     sr.add_argument("--json", action="store_true")
+    sr.add_argument("--record", action="store_true", help="store the scores in the model's card")
     sr.set_defaults(run=run_sr)
 
 
@@ -50,6 +53,10 @@ def run_seg(args: argparse.Namespace) -> int:
     scores = evaluate_segmenter(segmenter, data, working_size=args.working_size,
                                 on_progress=lambda d, t, m: bar.update(1))
     bar.close()
+    if args.record:
+        from engine.checkpoints import record_metrics
+
+        record_metrics(args.model, f"{args.data}_{args.split}", scores.as_dict())
     if args.json:
         print(json.dumps(scores.as_dict(), indent=2))
         return 0
@@ -74,6 +81,12 @@ def run_refine(args: argparse.Namespace) -> int:
     scores = evaluate_refiner(refiner, data, indices, segmenter=segmenter, working_size=args.working_size,
                               L=args.L, fast=args.fast, on_progress=lambda d, t, m: bar.update(1))
     bar.close()
+    if args.record:
+        from engine.checkpoints import record_metrics
+
+        record_metrics(args.model, f"{args.data}_{args.split}_refine", {
+            "images": [data.stem(i) for i in indices], "L": args.L, "fast": args.fast,
+            "segmenter": args.segmenter, "summary": scores.summary()})
     if args.json:
         print(json.dumps({"rows": scores.rows, "summary": scores.summary()}, indent=2))
         return 0
@@ -90,6 +103,10 @@ def run_sr(args: argparse.Namespace) -> int:
 
     model = sr_model(args.model)
     results = {str(f): evaluate_sr(model, f) for f in args.folder}
+    if args.record:
+        from engine.checkpoints import record_metrics
+
+        record_metrics(args.model, "sr_x2", {Path(f).parent.name or str(f): r.__dict__ for f, r in results.items()})
     if args.json:
         print(json.dumps({k: v.__dict__ for k, v in results.items()}, indent=2))
         return 0

@@ -1,6 +1,8 @@
 """training.evaluate: refinement IoU / mBA before and after, and the SR branch's PSNR / SSIM."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -160,3 +162,18 @@ def test_cli_evaluate_sr_prints_both_rows(tmp_path, capsys):
     line = capsys.readouterr().out.strip().splitlines()[-1].split()
     psnr_sr, psnr_bic = float(line[1]), float(line[3])
     assert psnr_bic > psnr_sr  # a random SR branch is far worse than bicubic
+
+
+def test_cli_evaluate_record_stores_the_scores_in_the_card(tmp_path, capsys):
+    from engine.checkpoints import read_card
+
+    folder = sr_folder(tmp_path / "Set5" / "image_SRF_2")
+    model = make_tiny_segmenter(tmp_path / "dsrl")
+    before = read_card(model)
+    assert main(["evaluate", "sr", "--model", str(model), str(folder), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert read_card(model).metrics == before.metrics  # nothing recorded without --record
+    assert main(["evaluate", "sr", "--model", str(model), str(folder), "--record"]) == 0
+    stored = read_card(model).metrics["sr_x2"]["Set5"]
+    assert stored["psnr"] == pytest.approx(printed[str(folder)]["psnr"])
+    assert {k: v for k, v in read_card(model).metrics.items() if k != "sr_x2"} == before.metrics

@@ -4,6 +4,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -154,3 +155,70 @@ def test_all_void_batch_gives_zero_ce_and_absent_terms_are_zero():
     assert loss.ce.item() == 0.0 and loss.sr.item() == 0.0 and loss.fa.item() == 0.0
     loss.total.backward()  # still differentiable
     assert torch.isfinite(out.logits.grad).all()
+
+
+def test_class_weights_give_the_weighted_mean_ce():
+    out = make_output(sr=False, features=False)
+    labels = torch.randint(0, 3, (2, 16, 24))
+    labels[1, :4] = 255
+    weights = torch.tensor([0.5, 2.0, 4.0])
+    loss = dsrl_loss(out, labels, class_weights=weights)
+    valid = labels != 255
+    logp = F.log_softmax(out.logits, 1).permute(0, 2, 3, 1)[valid]
+    w = weights[labels[valid]]
+    expected = -(w * logp.gather(1, labels[valid][:, None])[:, 0]).sum() / w.sum()
+    torch.testing.assert_close(loss.ce, expected)
+    assert not torch.allclose(loss.ce, dsrl_loss(out, labels).ce)
+
+
+def test_median_frequency_weights_balance_rare_classes():
+    from training.train_dsrl import median_frequency_weights
+
+    class Labels:
+        """Two 10x10 label maps: class 2 only in the second, class 3 never, void in the first."""
+
+        def __init__(self):
+            a = np.zeros((10, 10), np.uint8)
+            a[:5] = 1
+            a[9] = 255
+            b = np.zeros((10, 10), np.uint8)
+            b[0, :4] = 2
+            self.maps = [a, b]
+
+        def __len__(self):
+            return 2
+
+        def load_labels(self, i):
+            return self.maps[i]
+
+    w = median_frequency_weights(Labels(), 4, 255)
+    # freq: class 0 (40 + 96) / 190, class 1 50 / 90, class 2 4 / 100, class 3 absent
+    freq = np.array([136 / 190, 50 / 90, 4 / 100])
+    np.testing.assert_allclose(w[:3].numpy(), np.median(freq) / freq, rtol=1e-6)
+    assert w[3] == 0 and w[2] > w[1] > w[0]
+
+
+def test_enet_weights_are_bounded_and_favour_rare_classes():
+    from training.train_dsrl import class_weights
+
+    class Labels:
+        classes = ["a", "b", "c"]
+        ignore_index = 255
+
+        def __len__(self):
+            return 1
+
+        def load_labels(self, i):
+            labels = np.zeros((100, 100), np.uint8)
+            labels[:10] = 1  # 10% of the labelled pixels
+            labels[10, :1] = 2  # 1 pixel
+            labels[50:] = 255  # void, not counted
+            return labels
+
+    w = class_weights("enet", Labels())
+    share = np.array([3999, 1000, 1]) / 5000
+    np.testing.assert_allclose(w.numpy(), 1 / np.log(1.02 + share), rtol=1e-6)
+    assert w[2] < 1 / np.log(1.02) + 1e-3 and w[2] > w[1] > w[0]
+    assert class_weights("none", Labels()) is None
+    with pytest.raises(ValueError, match="none, median or enet"):
+        class_weights("inverse", Labels())
