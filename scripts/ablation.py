@@ -5,7 +5,7 @@ python scripts/ablation.py /work/runs/ablation --steps 300
 Each variant trains in ``ROOT/<variant>`` (``python -m training dsrl ... --resume``, so an
 interrupted sitting continues where it stopped; finished runs are not retrained), is exported to
 ``ROOT/<variant>/model`` with its CamVid val scores (input 240x180, ground truth at 480x360) and
-measured for inference GFLOPs and parameters at 240x180 (the SR branch and the FA module are
+measured for inference GFLOPs and parameters at 240x180 (padded to 240x192) (the SR branch and the FA module are
 dropped at inference). Prints a markdown table and writes ``ROOT/ablation.json``.
 """
 from __future__ import annotations
@@ -38,9 +38,10 @@ def train_seconds(log_csv: Path) -> float:
 
 
 def inference_cost(card_config: dict, width: int, height: int) -> tuple[float, int]:
-    """(GFLOPs of one forward at width x height, parameters) of the inference network."""
+    """(GFLOPs of one forward at width x height, padded as inference pads it; parameters)."""
     model = create_model(SegmenterConfig.from_dict(card_config), inference=True).eval()
-    x = torch.rand(1, 3, height, width)
+    m = model.pad_multiple
+    x = torch.rand(1, 3, -(-height // m) * m, -(-width // m) * m)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(x)
     return counter.get_total_flops() / 1e9, sum(p.numel() for p in model.parameters())
@@ -65,7 +66,7 @@ def run_variant(root: Path, variant: str, args: argparse.Namespace) -> dict:
     _, card = load_checkpoint(model_dir)
     scores = card.metrics["camvid_val"]
     gflops, params = inference_cost(card.config, 240, 180)
-    return {"variant": variant, "miou": scores["miou"], "per_class": scores["per_class"],
+    return {"variant": variant, "miou": scores["miou"], "per_class": scores["per_class_iou"],
             "gflops": gflops, "params": params, "train_seconds": train_seconds(run / "log.csv"),
             "steps": args.steps}
 

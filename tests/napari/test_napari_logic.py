@@ -84,7 +84,10 @@ def test_metric_lines(tiny_models):
     assert "3 classes" in logic.metrics_details(read_card(tiny_models[0]))
 
 
-def test_missing_default_refiner_gives_a_clear_error():
+def test_missing_default_refiner_gives_a_clear_error(monkeypatch, tmp_path):
+    import engine.checkpoints
+
+    monkeypatch.setattr(engine.checkpoints, "ASSETS_MODELS", tmp_path)  # an install without shipped models
     with pytest.raises(FineMaskError, match="refine-light.*not installed"):
         logic.ModelCache().refiner(logic.DEFAULT_REFINER)
 

@@ -248,7 +248,13 @@ def test_event_loop_runs_during_a_long_job_and_cancel_stops_it(make_napari_viewe
     assert widget.segment_button.enabled
 
 
-def test_failures_are_notified_with_their_cause(make_napari_viewer, qtbot, scene, notifications, tmp_path):
+def test_failures_are_notified_with_their_cause(make_napari_viewer, qtbot, scene, notifications, tmp_path,
+                                                monkeypatch):
+    import engine.checkpoints
+
+    shipped = tmp_path / "shipped"  # an install whose default refiner is missing
+    shipped.mkdir()
+    monkeypatch.setattr(engine.checkpoints, "ASSETS_MODELS", shipped)
     viewer = make_napari_viewer()
     widget = open_widget(viewer)
     widget.segment()  # no image layer yet
@@ -258,8 +264,6 @@ def test_failures_are_notified_with_their_cause(make_napari_viewer, qtbot, scene
     drawn = viewer.add_labels(np.zeros(scene.shape[:2], np.uint8), name="drawn")
     widget.labels_choice.value = drawn
     widget.refiner_choice.value = logic.DEFAULT_REFINER
-    if logic.DEFAULT_REFINER in [m.source for m in logic.list_models("refinement") if m.available]:
-        pytest.skip("the default refiner is installed; its absence cannot be tested here")
     widget.refine()
     qtbot.waitUntil(lambda: not widget.busy, timeout=JOB_TIMEOUT_MS)
     assert any("refine-light" in n.message and "not installed" in n.message for n in notifications)
