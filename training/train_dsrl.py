@@ -76,9 +76,8 @@ def _fit_dataset_basis(dataset: SegmentationDataset, config: SegmenterConfig, ra
     return fit_basis(maps, config.num_classes, ratio, config.dup_channels)
 
 
-def median_frequency_weights(dataset: SegmentationDataset, num_classes: int, ignore_index: int) -> torch.Tensor:
-    """Weight of class c = median(freq) / freq(c) (Eigen & Fergus), freq(c) = pixels of c / pixels
-    of the images holding c; void pixels are not counted, absent classes get weight 0."""
+def _pixel_counts(dataset: SegmentationDataset, num_classes: int, ignore_index: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per class: labelled pixels of the class, and labelled pixels of the images holding it (void excluded)."""
     pixels = np.zeros(num_classes, np.float64)
     image_pixels = np.zeros(num_classes, np.float64)
     for i in range(len(dataset)):
@@ -87,6 +86,13 @@ def median_frequency_weights(dataset: SegmentationDataset, num_classes: int, ign
         counts = np.bincount(labels.ravel().astype(np.int64), minlength=num_classes)[:num_classes]
         pixels += counts
         image_pixels[counts > 0] += labels.size
+    return pixels, image_pixels
+
+
+def median_frequency_weights(dataset: SegmentationDataset, num_classes: int, ignore_index: int) -> torch.Tensor:
+    """Weight of class c = median(freq) / freq(c) (Eigen & Fergus), freq(c) = pixels of c / pixels
+    of the images holding c; void pixels are not counted, absent classes get weight 0."""
+    pixels, image_pixels = _pixel_counts(dataset, num_classes, ignore_index)
     present = pixels > 0
     freq = np.divide(pixels, image_pixels, out=np.zeros_like(pixels), where=present)
     weights = np.zeros(num_classes, np.float64)
@@ -96,16 +102,12 @@ def median_frequency_weights(dataset: SegmentationDataset, num_classes: int, ign
 
 def enet_weights(dataset: SegmentationDataset, num_classes: int, ignore_index: int, c: float = 1.02) -> torch.Tensor:
     """Weight of class c = 1 / ln(c + share), share = the class's fraction of all labelled pixels (ENet)."""
-    pixels = np.zeros(num_classes, np.float64)
-    for i in range(len(dataset)):
-        labels = dataset.load_labels(i)
-        labels = labels[labels != ignore_index]
-        pixels += np.bincount(labels.ravel().astype(np.int64), minlength=num_classes)[:num_classes]
+    pixels, _ = _pixel_counts(dataset, num_classes, ignore_index)
     share = pixels / max(pixels.sum(), 1.0)
     return torch.tensor(1.0 / np.log(c + share), dtype=torch.float32)
 
 
-def class_weights(kind: str, dataset: SegmentationDataset) -> torch.Tensor | None:
+def cross_entropy_weights(kind: str, dataset: SegmentationDataset) -> torch.Tensor | None:
     """Cross-entropy class weights of ``kind`` (``none``, ``median``, ``enet``) from ``dataset``'s labels."""
     if kind == "none":
         return None
@@ -150,7 +152,7 @@ def train_dsrl(
                                            pad_multiple=model.pad_multiple, seed=cfg.loop.seed))
     params = model.param_groups(cfg.loop.lr, weight_decay=cfg.loop.weight_decay)
     result = train_loop(
-        model, make_loss(model.config, base.ignore_index, class_weights(cfg.class_weighting, base)), EpochKeyed(pairs), cfg.loop, run_dir,
+        model, make_loss(model.config, base.ignore_index, cross_entropy_weights(cfg.class_weighting, base)), EpochKeyed(pairs), cfg.loop, run_dir,
         params=params, resume=resume, on_progress=on_progress, cancel=cancel,
     )
     return model, result

@@ -199,7 +199,7 @@ def test_median_frequency_weights_balance_rare_classes():
 
 
 def test_enet_weights_are_bounded_and_favour_rare_classes():
-    from training.train_dsrl import class_weights
+    from training.train_dsrl import cross_entropy_weights
 
     class Labels:
         classes = ["a", "b", "c"]
@@ -215,10 +215,10 @@ def test_enet_weights_are_bounded_and_favour_rare_classes():
             labels[50:] = 255  # void, not counted
             return labels
 
-    w = class_weights("enet", Labels())
+    w = cross_entropy_weights("enet", Labels())
     share = np.array([3999, 1000, 1]) / 5000
     np.testing.assert_allclose(w.numpy(), 1 / np.log(1.02 + share), rtol=1e-6)
     assert w[2] < 1 / np.log(1.02) + 1e-3 and w[2] > w[1] > w[0]
-    assert class_weights("none", Labels()) is None
+    assert cross_entropy_weights("none", Labels()) is None
     with pytest.raises(ValueError, match="none, median or enet"):
-        class_weights("inverse", Labels())
+        cross_entropy_weights("inverse", Labels())
