@@ -43,6 +43,7 @@ def _worker(rank, port, run_dir, out):
     train_loop(model, _loss, Points(), CFG, run_dir, device="cpu")
     if rank == 0:
         torch.save(model.state_dict(), out)
+    dist.barrier()  # neither rank tears gloo down while the other still uses it (it aborts otherwise)
     dist.destroy_process_group()
 
 
