@@ -151,13 +151,21 @@ def read_card(name_or_path: str | Path) -> ModelCard:
     return ModelCard.from_dict(data, card_path)
 
 
-def record_metrics(name_or_path: str | Path, key: str, metrics: Any) -> ModelCard:
-    """Store ``metrics`` (JSON-able) under ``card.metrics[key]``; the card is rewritten atomically."""
+def record_metrics(name_or_path: str | Path, key: str, metrics: Any, *, merge: bool = False) -> ModelCard:
+    """Store ``metrics`` (JSON-able) under ``card.metrics[key]``; the card is rewritten atomically.
+
+    With ``merge``, a dict of metrics updates the one stored under ``key`` instead of replacing it
+    (so scores recorded per test set, one set at a time, accumulate).
+    """
     from .atomic import atomic_write_text
 
     folder = resolve(name_or_path)
     card = read_card(folder)
-    card.metrics = {**card.metrics, key: json.loads(json.dumps(metrics))}
+    new = json.loads(json.dumps(metrics))
+    old = card.metrics.get(key)
+    if merge and isinstance(old, dict) and isinstance(new, dict):
+        new = {**old, **new}
+    card.metrics = {**card.metrics, key: new}
     atomic_write_text(folder / CARD_FILE, card.to_json())
     return card
 

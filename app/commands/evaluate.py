@@ -106,7 +106,8 @@ def run_sr(args: argparse.Namespace) -> int:
     if args.record:
         from engine.checkpoints import record_metrics
 
-        record_metrics(args.model, "sr_x2", {Path(f).parent.name or str(f): r.__dict__ for f, r in results.items()})
+        record_metrics(args.model, "sr_x2", {Path(f).parent.name or str(f): r.__dict__ for f, r in results.items()},
+                       merge=True)
     if args.json:
         print(json.dumps({k: v.__dict__ for k, v in results.items()}, indent=2))
         return 0

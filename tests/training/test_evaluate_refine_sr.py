@@ -177,3 +177,7 @@ def test_cli_evaluate_record_stores_the_scores_in_the_card(tmp_path, capsys):
     stored = read_card(model).metrics["sr_x2"]["Set5"]
     assert stored["psnr"] == pytest.approx(printed[str(folder)]["psnr"])
     assert {k: v for k, v in read_card(model).metrics.items() if k != "sr_x2"} == before.metrics
+    other = sr_folder(tmp_path / "Set14" / "image_SRF_2")
+    assert main(["evaluate", "sr", "--model", str(model), str(other), "--record"]) == 0
+    stored = read_card(model).metrics["sr_x2"]
+    assert set(stored) == {"Set5", "Set14"}  # a second set adds to the first, it does not replace it
