@@ -151,8 +151,9 @@ def train_dsrl(
     pairs = DSRLPairs(base, DSRLPairConfig(crop_size=tuple(cfg.crop), scale_range=tuple(cfg.scale_range),
                                            pad_multiple=model.pad_multiple, seed=cfg.loop.seed))
     params = model.param_groups(cfg.loop.lr, weight_decay=cfg.loop.weight_decay)
+    loss_fn = make_loss(model.config, base.ignore_index, cross_entropy_weights(cfg.class_weighting, base))
     result = train_loop(
-        model, make_loss(model.config, base.ignore_index, cross_entropy_weights(cfg.class_weighting, base)), EpochKeyed(pairs), cfg.loop, run_dir,
+        model, loss_fn, EpochKeyed(pairs), cfg.loop, run_dir,
         params=params, resume=resume, on_progress=on_progress, cancel=cancel,
     )
     return model, result
