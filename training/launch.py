@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -78,6 +79,18 @@ def _command_line() -> str:
     return " ".join([entry, *sys.argv[1:]])
 
 
+def _advance(bar: Any, step: int) -> None:
+    """Move a tqdm bar to the absolute ``step`` (each loop step reports one).
+
+    The first report of a resumed run restarts the bar's clock at that step, so its rate and ETA
+    count this sitting's steps only, not the ones an earlier sitting did.
+    """
+    if bar.n == 0 and step > 1:
+        bar.reset(total=bar.total)
+        bar.initial = bar.n = bar.last_print_n = step - 1
+    bar.update(step - bar.n)
+
+
 def _train_with_bar(train, cfg, run: Path, args: argparse.Namespace, rank: int, desc: str) -> int:
     """Run ``train(cfg, run, resume=..., on_progress=...)`` with a tqdm bar and a summary on rank 0."""
     from tqdm import tqdm
@@ -85,7 +98,7 @@ def _train_with_bar(train, cfg, run: Path, args: argparse.Namespace, rank: int, 
     bar = tqdm(total=args.steps, desc=desc, unit="step", disable=rank != 0)
 
     def progress(step: int, total: int, message: str) -> None:
-        bar.n = step
+        _advance(bar, step)
         bar.set_postfix_str(message, refresh=False)
         bar.refresh()
 
@@ -180,7 +193,8 @@ def run_finetune(args: argparse.Namespace) -> int:
 
     def progress(done: int, total: int, message: str) -> None:
         if message.startswith("step "):
-            bar.total, bar.n = total, done
+            bar.total = total
+            _advance(bar, done)
             bar.set_description_str("fine-tune", refresh=False)
             bar.set_postfix_str(message.split(" · ", 1)[1], refresh=False)
         else:
