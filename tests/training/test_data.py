@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from engine.errors import FineMaskError
-from engine.io import write_image, write_labels
+from engine.io import read_image, write_image, write_labels
 from training.augment import downscale_by_2, resize_labels
 from training.data import (
     AlphaCompositeSource,
@@ -26,6 +26,7 @@ from training.data import (
     RefineCrops,
     load_dataset,
 )
+from training.data.refine_crops import _Cache, _nbytes, _read_u8
 from training.perturb import mask_iou
 
 H, W = 90, 150  # non-square on purpose
@@ -339,6 +340,46 @@ def test_refine_crops_deterministic_and_use_every_source(tmp_path, composite_sou
 
     weighted = RefineCrops([Never(), composite_source], weights=[0, 1], length=6)
     assert all(weighted[i][1].sum() > 0 for i in range(6))
+
+
+def test_mask_folder_cache_keeps_samples_and_its_byte_bound(idrid_like):
+    """Cached decodes give the same crops as a cache that holds only the newest item."""
+    ds = MaskFolderDataset(idrid_like, {c: f"masks_{c}" for c in IDRID_CLASSES})
+    roomy, tight = ClassMaskSource(ds), ClassMaskSource(ds, cache_mb=0)
+    cfg = RefineCropConfig(scale_range=(0.5, 1.0))
+    for i in range(12):
+        a = roomy.sample(np.random.default_rng(i), cfg)
+        b = tight.sample(np.random.default_rng(i), cfg)
+        assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    assert len(tight._decoded.items) == 1
+    assert len(roomy._decoded.items) > 2  # the two images and several masks stay decoded
+    assert roomy._decoded.bytes == sum(_nbytes(v) for v in roomy._decoded.items.values())
+
+
+def test_cache_evicts_least_recently_used_beyond_its_bytes():
+    loads = []
+    cache = _Cache(10, lambda k: loads.append(k) or np.zeros(100, np.uint8), max_bytes=250)
+    for key in ("a", "b", "a", "c", "a", "b"):
+        cache.get(key)
+    assert loads == ["a", "b", "c", "b"]  # c pushed out b (least recently used), not a
+    assert list(cache.items) == ["a", "b"] and cache.bytes == 200
+
+
+def test_read_u8_matches_read_image_and_reduces_large_jpegs(tmp_path):
+    rgb, gray = _image(3, 120, 200), _image(4, 60, 80)[..., 0]
+    Image.fromarray(rgb).save(tmp_path / "rgb.png")
+    Image.fromarray(gray).save(tmp_path / "gray.png")
+    Image.fromarray(rgb).save(tmp_path / "big.jpg")
+    for name in ("rgb.png", "gray.png", "big.jpg"):
+        u8 = _read_u8(tmp_path / name)
+        assert u8.dtype == np.uint8 and u8.ndim == 3
+        assert np.array_equal(u8.astype(np.float32) / 255.0, read_image(tmp_path / name))
+    # the smallest DCT scale that keeps the longer side (200 px) at least max_side
+    assert _read_u8(tmp_path / "big.jpg", max_side=50).shape == (30, 50, 3)  # 1/4
+    assert _read_u8(tmp_path / "big.jpg", max_side=60).shape == (60, 100, 3)  # 1/2
+    with pytest.raises(FineMaskError, match="broken.jpg"):
+        (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
+        _read_u8(tmp_path / "broken.jpg", max_side=50)
 
 
 def test_composite_blends_two_pictures_with_the_matte(composite_source):
