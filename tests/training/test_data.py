@@ -358,7 +358,7 @@ def test_mask_folder_cache_keeps_samples_and_its_byte_bound(idrid_like):
 
 def test_cache_evicts_least_recently_used_beyond_its_bytes():
     loads = []
-    cache = _Cache(10, lambda k: loads.append(k) or np.zeros(100, np.uint8), max_bytes=250)
+    cache = _Cache(lambda k: loads.append(k) or np.zeros(100, np.uint8), capacity=10, max_bytes=250)
     for key in ("a", "b", "a", "c", "a", "b"):
         cache.get(key)
     assert loads == ["a", "b", "c", "b"]  # c pushed out b (least recently used), not a

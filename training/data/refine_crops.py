@@ -65,7 +65,7 @@ class ClassMaskSource:
         self.dataset = dataset
         self.classes = set(classes) if classes is not None else None
         self.name = dataset.name
-        self._decoded = _Cache(1 << 16, self._load, max_bytes=cache_mb << 20)
+        self._decoded = _Cache(self._load, max_bytes=cache_mb << 20)
 
     def sample(self, rng: np.random.Generator, cfg: RefineCropConfig) -> tuple[np.ndarray, np.ndarray]:
         for _ in range(max(cfg.attempts, 1)):
@@ -137,8 +137,8 @@ class AlphaCompositeSource:
         self.image_paths = [Path(p) for p in image_paths]
         self.image_max_side = image_max_side
         self.name = "composites"
-        self._alphas = _Cache(cache_items, self._load_alpha)
-        self._images = _Cache(1 << 16, self._load_image, max_bytes=cache_mb << 20)
+        self._alphas = _Cache(self._load_alpha, capacity=cache_items)
+        self._images = _Cache(self._load_image, max_bytes=cache_mb << 20)
 
     def sample(self, rng: np.random.Generator, cfg: RefineCropConfig) -> tuple[np.ndarray, np.ndarray]:
         alpha, edges = self._alphas.get(self.alpha_paths[int(rng.integers(len(self.alpha_paths)))])
@@ -332,12 +332,12 @@ def _nbytes(value) -> int:
 
 
 class _Cache:
-    """A least-recently-used cache of ``load(key)`` results, at most ``capacity`` items and
-    ``max_bytes`` of arrays (the newest item is always kept)."""
+    """A least-recently-used cache of ``load(key)`` results: at most ``capacity`` items and
+    ``max_bytes`` of arrays, where given (the newest item is always kept)."""
 
-    def __init__(self, capacity: int, load: Callable, max_bytes: int | None = None):
-        self.capacity, self.load, self.items = max(1, capacity), load, OrderedDict()
-        self.max_bytes, self.bytes = max_bytes, 0
+    def __init__(self, load: Callable, *, capacity: int | None = None, max_bytes: int | None = None):
+        self.load, self.items = load, OrderedDict()
+        self.capacity, self.max_bytes, self.bytes = capacity, max_bytes, 0
 
     def get(self, key):
         if key in self.items:
@@ -346,7 +346,8 @@ class _Cache:
         value = self.items[key] = self.load(key)
         self.bytes += _nbytes(value)
         while len(self.items) > 1 and (
-            len(self.items) > self.capacity or (self.max_bytes is not None and self.bytes > self.max_bytes)
+            (self.capacity is not None and len(self.items) > self.capacity)
+            or (self.max_bytes is not None and self.bytes > self.max_bytes)
         ):
             self.bytes -= _nbytes(self.items.popitem(last=False)[1])
         return value
