@@ -55,6 +55,15 @@ def wait_idle(page: Any, timeout_s: float) -> None:
     page.wait_for_timeout(500)  # fade-out transitions of the progress overlays
 
 
+def wait_image(page: Any, selector: str, timeout_s: float) -> None:
+    """Wait until the first ``<img>`` matching ``selector`` is visible and its picture has loaded."""
+    page.wait_for_function(
+        "s => { const i = document.querySelector(s);"
+        " return !!i && i.complete && i.naturalWidth > 0 && i.getBoundingClientRect().width > 0; }",
+        arg=selector, timeout=timeout_s * 1000, polling=100)
+    page.wait_for_timeout(300)  # the tab's fade-in
+
+
 def close_toasts(page: Any) -> None:
     for button in page.locator(".toast-close").all():
         try:

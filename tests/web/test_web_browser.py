@@ -12,7 +12,7 @@ pytest.importorskip("gradio")
 pytest.importorskip("playwright")
 from web_testkit import running_app, tiny_models, web_config
 
-from app.web.browser import CHROMIUM, chromium_page, upload, wait_toast, walkthrough
+from app.web.browser import CHROMIUM, chromium_page, upload, wait_image, wait_toast, walkthrough
 from app.web.session import bundled_examples
 from engine.store import Store
 
@@ -39,6 +39,7 @@ def test_segment_refine_correct_and_save_in_the_browser(tmp_path):
         legend = page.inner_text("#legend")
         overlay_png = tmp_path / "overlay.png"
         page.get_by_role("tab", name="Result").click()
+        wait_image(page, "#overlay img", 30)
         page.locator("#overlay img").first.screenshot(path=str(overlay_png))
 
     match = re.search(r"(\d+) pixels corrected; saved as pair (\S+) \(", status)
