@@ -166,12 +166,13 @@ class AlphaCompositeSource:
         return alpha, edges
 
     def _load_image(self, path: Path) -> np.ndarray:
-        image = _read_u8(path, self.image_max_side).astype(np.float32) / 255.0
+        image = _read_u8(path, self.image_max_side)
         h, w = image.shape[:2]
-        if max(h, w) > self.image_max_side:
-            f = self.image_max_side / max(h, w)
-            image = resize_image(image, (max(1, round(h * f)), max(1, round(w * f))))
-        return np.round(image * 255.0).astype(np.uint8)
+        if max(h, w) <= self.image_max_side:
+            return image
+        f = self.image_max_side / max(h, w)
+        small = resize_image(image.astype(np.float32) / 255.0, (max(1, round(h * f)), max(1, round(w * f))))
+        return np.round(small * 255.0).astype(np.uint8)
 
 
 class RefineCrops(Dataset):
