@@ -1,4 +1,4 @@
-"""``finemask evaluate seg|refine|sr``: segmentation mIoU, refinement IoU / mBA, SR PSNR / SSIM."""
+"""``finemask evaluate seg|refine|refine-crops|sr``: segmentation mIoU, refinement IoU / mBA, SR PSNR / SSIM."""
 from __future__ import annotations
 
 import argparse
@@ -33,6 +33,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     ref.add_argument("--json", action="store_true", help="print every row as JSON")
     ref.add_argument("--record", action="store_true", help="store the summary in the refinement model's card")
     ref.set_defaults(run=run_refine)
+
+    crops = jobs.add_parser("refine-crops", help="refinement IoU and mBA on perturbed 224x224 crops (its training "
+                                                  "task), per source; seconds, for tracking a training run")
+    crops.add_argument("--model", default="refine-light", help="refinement model name or folder")
+    crops.add_argument("--sources", nargs="+", default=["camvid", "dubai", "isbi2012", "idrid", "composites"])
+    crops.add_argument("--split", default="val", help="split the crops come from (composites: its pictures)")
+    crops.add_argument("--crops", type=int, default=100, help="crops per source (same crops every run)")
+    crops.add_argument("--threads", type=int, default=None)
+    crops.add_argument("--json", action="store_true")
+    crops.add_argument("--record", action="store_true", help="store the rows in the refinement model's card")
+    crops.set_defaults(run=run_refine_crops)
 
     sr = jobs.add_parser("sr", help="PSNR/SSIM of a DSRL model's SR branch x2 against bicubic")
     sr.add_argument("--model", default="camvid", help="model name or folder that kept its SR branch")
@@ -95,6 +106,35 @@ def run_refine(args: argparse.Namespace) -> int:
     for r in scores.summary():
         print(f"{r['source']:10} {r['class']:16} {r['images']:3d} {100 * r['iou_before']:10.1f} "
               f"{100 * r['iou_after']:6.1f} {100 * r['mba_before']:10.1f} {100 * r['mba_after']:6.1f}")
+    return 0
+
+
+def run_refine_crops(args: argparse.Namespace) -> int:
+    from engine.refine import Refiner
+    from training.data.refine_crops import build_refine_crops
+    from training.evaluate import evaluate_refiner_crops
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    model = Refiner.from_pretrained(args.model).model.float().cpu()
+    crop_sets = {s: build_refine_crops(split=args.split, sources=(s,), length=args.crops) for s in args.sources}
+    bar = tqdm(total=args.crops * len(crop_sets), desc="evaluate refine-crops", unit="crop")
+    rows = evaluate_refiner_crops(model, crop_sets, args.crops, on_progress=lambda d, t, m: bar.update(d - bar.n))
+    bar.close()
+    if args.record:
+        from engine.checkpoints import record_metrics
+
+        record_metrics(args.model, f"crops_{args.split}_refine", {"crops_per_source": args.crops, "rows": rows})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{args.model} on perturbed {args.split} crops, percent")
+    print(f"{'source':12} {'crops':>5} {'IoU before':>10} {'after':>6} {'mBA before':>10} {'after':>6}")
+    for r in rows:
+        print(f"{r['source']:12} {r['crops']:5d} {100 * r['iou_before']:10.1f} {100 * r['iou_after']:6.1f} "
+              f"{100 * r['mba_before']:10.1f} {100 * r['mba_after']:6.1f}")
     return 0
 
 
