@@ -164,8 +164,8 @@ def evaluate_refiner_crops(model: torch.nn.Module, crop_sets: dict[str, Any], co
     ``crop_sets`` maps a source name to a dataset of ``(image [0, 1], gt, coarse)`` crops like
     :class:`training.data.refine_crops.RefineCrops` (fixed seed, so the same crops every call);
     the first ``count`` of each are scored. Returns one row per source and an ``"all"`` row, with
-    mean IoU and mBA (fractions) of the coarse mask and of the pass-3 OS1 output. Fast (seconds
-    for hundreds of crops), so it tracks a training run where the 4K evaluation takes minutes.
+    mean IoU and mBA (fractions) of the coarse mask and of the pass-3 OS1 output: a check of
+    what a training run has learnt, without the full-resolution cascade of :func:`evaluate_refiner`.
     """
     from engine.metrics import boundary_accuracy
     from engine.models.refine import normalise_image

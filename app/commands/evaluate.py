@@ -35,7 +35,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     ref.set_defaults(run=run_refine)
 
     crops = jobs.add_parser("refine-crops", help="refinement IoU and mBA on perturbed 224x224 crops (its training "
-                                                  "task), per source; seconds, for tracking a training run")
+                                                  "task), per source: tracks a training run")
     crops.add_argument("--model", default="refine-light", help="refinement model name or folder")
     crops.add_argument("--sources", nargs="+", default=["camvid", "dubai", "isbi2012", "idrid", "composites"])
     crops.add_argument("--split", default="val", help="split the crops come from (composites: its pictures)")
