@@ -15,7 +15,7 @@ import torch
 from engine.atomic import atomic_write_text
 from engine.checkpoints import ModelCard, save_checkpoint
 from engine.models.refine import RefinerConfig, build_refinement_module, normalise_image
-from training.data.refine_crops import RefineCrops, build_refine_crops
+from training.data.refine_crops import REFINE_SOURCES, RefineCrops, build_refine_crops
 from training.loop import EpochKeyed, LoopConfig, LoopResult, ProgressFn, _is_main, train_loop
 from training.refine_losses import refinement_loss
 
@@ -29,7 +29,7 @@ REFINE_DATA_TERMS = (
 @dataclass
 class RefineTrainConfig:
     backbone: str = "light"
-    sources: tuple[str, ...] = ("camvid", "dubai", "isbi2012", "idrid", "composites")
+    sources: tuple[str, ...] = REFINE_SOURCES
     crops_per_epoch: int = 10000
     model: dict[str, Any] = field(default_factory=dict)
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=45000, batch_size=12, lr=2.25e-4,

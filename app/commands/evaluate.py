@@ -37,7 +37,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     crops = jobs.add_parser("refine-crops", help="refinement IoU and mBA on perturbed 224x224 crops (its training "
                                                   "task), per source: tracks a training run")
     crops.add_argument("--model", default="refine-light", help="refinement model name or folder")
-    crops.add_argument("--sources", nargs="+", default=["camvid", "dubai", "isbi2012", "idrid", "composites"])
+    crops.add_argument("--sources", nargs="+", default=None,
+                       help="crop sources (default: those training uses: camvid dubai isbi2012 idrid composites)")
     crops.add_argument("--split", default="val", help="split the crops come from (composites: its pictures)")
     crops.add_argument("--crops", type=int, default=100, help="crops per source (same crops every run)")
     crops.add_argument("--threads", type=int, default=None)
@@ -111,7 +112,7 @@ def run_refine(args: argparse.Namespace) -> int:
 
 def run_refine_crops(args: argparse.Namespace) -> int:
     from engine.refine import Refiner
-    from training.data.refine_crops import build_refine_crops
+    from training.data.refine_crops import REFINE_SOURCES, build_refine_crops
     from training.evaluate import evaluate_refiner_crops
 
     if args.threads:
@@ -119,7 +120,8 @@ def run_refine_crops(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     model = Refiner.from_pretrained(args.model).model.float().cpu()
-    crop_sets = {s: build_refine_crops(split=args.split, sources=(s,), length=args.crops) for s in args.sources}
+    crop_sets = {s: build_refine_crops(split=args.split, sources=(s,), length=args.crops)
+                 for s in args.sources or REFINE_SOURCES}
     bar = tqdm(total=args.crops * len(crop_sets), desc="evaluate refine-crops", unit="crop")
     rows = evaluate_refiner_crops(model, crop_sets, args.crops, on_progress=lambda d, t, m: bar.update(d - bar.n))
     bar.close()

@@ -175,6 +175,10 @@ class AlphaCompositeSource:
         return np.round(small * 255.0).astype(np.uint8)
 
 
+#: The sources of the standard refinement crop set, in order.
+REFINE_SOURCES = ("camvid", "dubai", "isbi2012", "idrid", "composites")
+
+
 class RefineCrops(Dataset):
     """``length`` samples per epoch drawn from ``sources`` with probabilities ``weights``."""
 
@@ -264,7 +268,7 @@ def edge_pixels(mask: np.ndarray) -> np.ndarray:
 def build_refine_crops(
     root: str | Path | None = None,
     split: str = "train",
-    sources: Sequence[str] = ("camvid", "dubai", "isbi2012", "idrid", "composites"),
+    sources: Sequence[str] = REFINE_SOURCES,
     weights: Mapping[str, float] | None = None,
     length: int = 10000,
     config: RefineCropConfig | None = None,
