@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .data.refine_crops import REFINE_SOURCES
 from .loop import LoopConfig
 
 
@@ -128,7 +129,9 @@ def run_dsrl(args: argparse.Namespace) -> int:
 def add_refine_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``train refine``."""
     parser.add_argument("--backbone", default="light", choices=["light", "resnet50"])
-    parser.add_argument("--sources", nargs="+", default=["camvid", "dubai", "isbi2012", "idrid", "composites"])
+    parser.add_argument("--mask-skip", action="store_true",
+                        help="give the OS1 decoder stage the full-resolution input mask (not in the paper)")
+    parser.add_argument("--sources", nargs="+", default=list(REFINE_SOURCES))
     parser.add_argument("--crops-per-epoch", type=int, default=10000)
     parser.add_argument("--steps", type=int, default=45000)
     parser.add_argument("--batch-size", type=int, default=12, help="global batch (split over processes)")
@@ -150,7 +153,8 @@ def run_refine(args: argparse.Namespace) -> int:
 
     rank, loop = _setup(args)
     cfg = RefineTrainConfig(backbone=args.backbone, sources=tuple(args.sources),
-                            crops_per_epoch=args.crops_per_epoch, loop=loop, command=_command_line())
+                            crops_per_epoch=args.crops_per_epoch, loop=loop, command=_command_line(),
+                            model={"mask_skip": True} if args.mask_skip else {})
     return _train_with_bar(train_refine, cfg, args.run_dir, args, rank, f"train refine-{args.backbone}")
 
 

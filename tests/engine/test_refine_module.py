@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 import os
 import pickle
 
@@ -214,6 +215,23 @@ def test_config_round_trips_through_json_and_rejects_unknown_backbone():
     assert light.stage_channels == (32, 64, 96, 128)
 
 
+def test_mask_skip_gives_the_os1_stage_the_full_resolution_mask():
+    torch.manual_seed(0)
+    skip = RefinementModule(replace(TINY, mask_skip=True)).eval()
+    plain = RefinementModule(TINY).eval()
+    assert skip.final_11.in_channels == plain.final_11.in_channels + 1
+    # A card written before the option existed builds the model without it.
+    assert RefinerConfig.from_dict({k: v for k, v in TINY.to_dict().items() if k != "mask_skip"}) == TINY
+    x, seg = torch.randn(1, 3, 48, 64), torch.rand(1, 1, 48, 64) * 2 - 1
+    t8, t4 = torch.rand(1, 1, 48, 64) * 2 - 1, torch.rand(1, 1, 48, 64) * 2 - 1
+    seen = []
+    h = skip.up_3.register_forward_pre_hook(lambda m, inputs: seen.append(inputs[1]))
+    with torch.inference_mode():
+        skip(x, seg, t8, t4)
+    h.remove()
+    assert torch.equal(seen[0], torch.cat([x, seg], 1))
+
+
 def test_light_model_is_much_smaller_than_resnet50(resnet50):
     light = RefinementModule(RefinerConfig(backbone="light"))
     n_light = sum(p.numel() for p in light.parameters())
@@ -243,9 +261,10 @@ def test_pyramid_pooling_equals_the_reference_order_of_operations():
         torch.testing.assert_close(psp(x), expect, atol=1e-5, rtol=1e-5)
 
 
-def test_decoder_fast_path_and_bn_folding_preserve_outputs():
+@pytest.mark.parametrize("mask_skip", [False, True])
+def test_decoder_fast_path_and_bn_folding_preserve_outputs(mask_skip):
     torch.manual_seed(0)
-    model = RefinementModule(TINY).eval()
+    model = RefinementModule(replace(TINY, mask_skip=mask_skip)).eval()
     _randomise_bn(model)
     fused = fuse_for_inference(model)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.feats.layer2.modules())

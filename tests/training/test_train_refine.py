@@ -57,12 +57,12 @@ def test_run_export_writes_the_runs_last_state(tmp_path):
     from engine.checkpoints import load_checkpoint
     from training.resume import load_state
 
-    cfg = RefineTrainConfig(model=TINY, loop=LoopConfig(steps=3, batch_size=2, ckpt_every=100))
+    cfg = RefineTrainConfig(model={**TINY, "mask_skip": True}, loop=LoopConfig(steps=3, batch_size=2, ckpt_every=100))
     train_refine(cfg, tmp_path / "run", crops=Disks())
     assert main(["train", "export", str(tmp_path / "run"), "--to", str(tmp_path / "m"), "--name", "r"]) == 0
     state, card = load_checkpoint(tmp_path / "m")
     saved = load_state(tmp_path / "run" / "state")["model"]
-    assert card.task == "refinement" and card.training["steps"] == 3
+    assert card.task == "refinement" and card.training["steps"] == 3 and card.config["mask_skip"] is True
     for key, value in saved.items():  # floats stored in float16: equal to fp16 precision
         expected = value.half().float() if value.is_floating_point() else value
         torch.testing.assert_close(state[key], expected, atol=0, rtol=0)
