@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 import os
 import pickle
+from dataclasses import replace
 
 import numpy as np
 import pytest
