@@ -118,10 +118,9 @@ class RefinementScores:
 
 def coarse_mask(mask: np.ndarray, factor: int = COARSE_FACTOR) -> np.ndarray:
     """``mask`` shrunk by ``factor`` (anti-aliased) and enlarged back bilinearly, at 0.5."""
-    from training.augment import resize_mask
+    from training.perturb import lowres_mask
 
-    h, w = mask.shape
-    return resize_mask(resize_mask(mask, (max(1, h // factor), max(1, w // factor))), (h, w))
+    return lowres_mask(mask, factor)
 
 
 def evaluate_refiner(refiner, dataset, indices: list[int], *, segmenter: Segmenter | None = None,

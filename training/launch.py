@@ -133,6 +133,9 @@ def add_refine_arguments(parser: argparse.ArgumentParser) -> None:
                         help="give the OS1 decoder stage the full-resolution input mask (not in the paper)")
     parser.add_argument("--sources", nargs="+", default=list(REFINE_SOURCES))
     parser.add_argument("--crops-per-epoch", type=int, default=10000)
+    parser.add_argument("--lowres-prob", type=float, default=0.0,
+                        help="share of coarse masks made by shrinking and enlarging the ground truth "
+                             "(2-8x) instead of CascadePSP's perturbation (not in the paper)")
     parser.add_argument("--steps", type=int, default=45000)
     parser.add_argument("--batch-size", type=int, default=12, help="global batch (split over processes)")
     parser.add_argument("--lr", type=float, default=2.25e-4)
@@ -153,7 +156,8 @@ def run_refine(args: argparse.Namespace) -> int:
 
     rank, loop = _setup(args)
     cfg = RefineTrainConfig(backbone=args.backbone, sources=tuple(args.sources),
-                            crops_per_epoch=args.crops_per_epoch, loop=loop, command=_command_line(),
+                            crops_per_epoch=args.crops_per_epoch, lowres_prob=args.lowres_prob,
+                            loop=loop, command=_command_line(),
                             model={"mask_skip": True} if args.mask_skip else {})
     return _train_with_bar(train_refine, cfg, args.run_dir, args, rank, f"train refine-{args.backbone}")
 

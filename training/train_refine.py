@@ -15,7 +15,7 @@ import torch
 from engine.atomic import atomic_write_text
 from engine.checkpoints import ModelCard, save_checkpoint
 from engine.models.refine import RefinerConfig, build_refinement_module, normalise_image
-from training.data.refine_crops import REFINE_SOURCES, RefineCrops, build_refine_crops
+from training.data.refine_crops import REFINE_SOURCES, RefineCropConfig, RefineCrops, build_refine_crops
 from training.loop import EpochKeyed, LoopConfig, LoopResult, ProgressFn, _is_main, train_loop
 from training.refine_losses import refinement_loss
 
@@ -31,6 +31,7 @@ class RefineTrainConfig:
     backbone: str = "light"
     sources: tuple[str, ...] = REFINE_SOURCES
     crops_per_epoch: int = 10000
+    lowres_prob: float = 0.0  #: share of low-resolution coarse masks (``RefineCropConfig.lowres_prob``)
     model: dict[str, Any] = field(default_factory=dict)
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=45000, batch_size=12, lr=2.25e-4,
                                                                  schedule="step"))
@@ -57,7 +58,8 @@ def train_refine(
     """Train in ``run_dir`` (state, log.csv, loss.png, train_config.json)."""
     model = build_refinement_module(RefinerConfig(backbone=cfg.backbone, **cfg.model))
     if crops is None:
-        crops = build_refine_crops(sources=cfg.sources, length=cfg.crops_per_epoch)
+        crops = build_refine_crops(sources=cfg.sources, length=cfg.crops_per_epoch,
+                                   config=RefineCropConfig(lowres_prob=cfg.lowres_prob))
     if _is_main():
         atomic_write_text(Path(run_dir) / "train_config.json", json.dumps(asdict(cfg), indent=2))
     result = train_loop(model, refine_loss_fn, EpochKeyed(crops), cfg.loop, run_dir, resume=resume,

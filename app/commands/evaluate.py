@@ -41,6 +41,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        help="crop sources (default: those training uses: camvid dubai isbi2012 idrid composites)")
     crops.add_argument("--split", default="val", help="split the crops come from (composites: its pictures)")
     crops.add_argument("--crops", type=int, default=100, help="crops per source (same crops every run)")
+    crops.add_argument("--lowres", action="store_true",
+                       help="coarse masks shrunk and enlarged (2-8x) instead of CascadePSP's perturbation")
     crops.add_argument("--threads", type=int, default=None)
     crops.add_argument("--json", action="store_true")
     crops.add_argument("--record", action="store_true", help="store the rows in the refinement model's card")
@@ -112,7 +114,7 @@ def run_refine(args: argparse.Namespace) -> int:
 
 def run_refine_crops(args: argparse.Namespace) -> int:
     from engine.refine import Refiner
-    from training.data.refine_crops import REFINE_SOURCES, build_refine_crops
+    from training.data.refine_crops import REFINE_SOURCES, RefineCropConfig, build_refine_crops
     from training.evaluate import evaluate_refiner_crops
 
     if args.threads:
@@ -120,7 +122,8 @@ def run_refine_crops(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     model = Refiner.from_pretrained(args.model).model.float().cpu()
-    crop_sets = {s: build_refine_crops(split=args.split, sources=(s,), length=args.crops)
+    config = RefineCropConfig(lowres_prob=1.0 if args.lowres else 0.0)
+    crop_sets = {s: build_refine_crops(split=args.split, sources=(s,), length=args.crops, config=config)
                  for s in args.sources or REFINE_SOURCES}
     bar = tqdm(total=args.crops * len(crop_sets), desc="evaluate refine-crops", unit="crop")
     rows = evaluate_refiner_crops(model, crop_sets, args.crops, on_progress=lambda d, t, m: bar.update(d - bar.n))
@@ -128,11 +131,12 @@ def run_refine_crops(args: argparse.Namespace) -> int:
     if args.record:
         from engine.checkpoints import record_metrics
 
-        record_metrics(args.model, f"crops_{args.split}_refine", {"crops_per_source": args.crops, "rows": rows})
+        key = f"crops_{args.split}{'_lowres' if args.lowres else ''}_refine"
+        record_metrics(args.model, key, {"crops_per_source": args.crops, "rows": rows})
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"{args.model} on perturbed {args.split} crops, percent")
+    print(f"{args.model} on {'low-resolution' if args.lowres else 'perturbed'} {args.split} crops, percent")
     print(f"{'source':12} {'crops':>5} {'IoU before':>10} {'after':>6} {'mBA before':>10} {'after':>6}")
     for r in rows:
         print(f"{r['source']:12} {r['crops']:5d} {100 * r['iou_before']:10.1f} {100 * r['iou_after']:6.1f} "

@@ -26,8 +26,8 @@ from training.data import (
     RefineCrops,
     load_dataset,
 )
-from training.data.refine_crops import _Cache, _nbytes, _read_u8
-from training.perturb import mask_iou
+from training.data.refine_crops import _Cache, _nbytes, _read_u8, coarse_for
+from training.perturb import lowres_mask, mask_iou, perturb_mask
 
 H, W = 90, 150  # non-square on purpose
 
@@ -323,6 +323,19 @@ def test_refine_crops_shapes_boundary_and_coarse_iou(tmp_path, idrid_like, compo
         assert set(gt.unique().tolist()) == {0.0, 1.0}  # both classes: the crop holds a boundary
         assert set(coarse.unique().tolist()) <= {0.0, 1.0}
         assert 0.8 <= mask_iou(coarse[0].numpy() > 0.5, gt[0].numpy() > 0.5) <= 1.0
+
+
+def test_coarse_for_mixes_in_low_resolution_masks_only_when_asked(idrid_like):
+    gt = MaskFolderDataset(idrid_like, {c: f"masks_{c}" for c in IDRID_CLASSES}).class_mask(0, "optic_disc")
+    plain = RefineCropConfig()
+    # lowres_prob 0 draws nothing extra: the coarse masks are CascadePSP's, sample for sample
+    assert np.array_equal(coarse_for(gt, np.random.default_rng(3), plain),
+                          perturb_mask(gt, np.random.default_rng(3), plain.perturb))
+    only_lowres = RefineCropConfig(lowres_prob=1.0, lowres_factors=(4.0, 4.0))
+    assert np.array_equal(coarse_for(gt, np.random.default_rng(3), only_lowres), lowres_mask(gt, 4.0))
+    half = RefineCropConfig(lowres_prob=0.5, lowres_factors=(4.0, 4.0))
+    kinds = [np.array_equal(coarse_for(gt, np.random.default_rng(s), half), lowres_mask(gt, 4.0)) for s in range(20)]
+    assert 3 <= sum(kinds) <= 17
 
 
 def test_refine_crops_deterministic_and_use_every_source(tmp_path, composite_source):

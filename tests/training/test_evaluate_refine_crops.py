@@ -79,8 +79,13 @@ def test_cli_refine_crops_prints_and_records(tmp_path, capsys, monkeypatch):
     from training import train_refine
     from training.data import refine_crops
 
-    monkeypatch.setattr(refine_crops, "build_refine_crops",
-                        lambda split, sources, length: ShiftedDisks(2 if sources == ("a",) else 4))
+    configs = []
+
+    def fake_crops(split, sources, length, config):
+        configs.append(config)
+        return ShiftedDisks(2 if sources == ("a",) else 4)
+
+    monkeypatch.setattr(refine_crops, "build_refine_crops", fake_crops)
     model = build_refinement_module(RefinerConfig(backbone="light", **TINY))
     folder = train_refine.export_refiner(model, tmp_path / "m", name="tiny", training={"steps": 0})
     args = ["evaluate", "refine-crops", "--model", str(folder), "--sources", "a", "b", "--crops", "3"]
@@ -93,3 +98,7 @@ def test_cli_refine_crops_prints_and_records(tmp_path, capsys, monkeypatch):
     table = capsys.readouterr().out
     assert "IoU before" in table and table.strip().splitlines()[-1].split()[:2] == ["all", "6"]
     assert read_card(folder).metrics["crops_val_refine"]["rows"] == rows
+    assert {c.lowres_prob for c in configs} == {0.0}
+    assert main([*args, "--lowres", "--record"]) == 0
+    assert "low-resolution val crops" in capsys.readouterr().out
+    assert configs[-1].lowres_prob == 1.0 and "crops_val_lowres_refine" in read_card(folder).metrics

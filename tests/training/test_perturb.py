@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 from skimage.draw import disk, polygon
 
-from training.perturb import PerturbConfig, ellipse_footprint, mask_iou, perturb_mask, resample_contours
+from training.perturb import (
+    PerturbConfig,
+    ellipse_footprint,
+    lowres_mask,
+    mask_iou,
+    perturb_mask,
+    resample_contours,
+)
 
 SIZE = 96
 
@@ -109,3 +116,18 @@ def test_ellipse_footprint(rows, cols):
     assert fp.any(axis=0).all() and fp.any(axis=1).all()  # spans its box
     if rows == cols == 9:
         assert not fp[0, 0] and fp[4].all()
+
+
+def test_lowres_mask_loses_small_structures_and_detail_but_keeps_large_shapes():
+    big = _disk(30)
+    specks = np.zeros_like(big)
+    specks[5:8, 5:8] = specks[88:91, 10:13] = True  # 3-px lesions, far from the disk
+    gt = big | specks
+    coarse = lowres_mask(gt, 8)
+    assert coarse.shape == gt.shape and coarse.dtype == bool
+    assert not (coarse & specks).any()  # 3 px at 1/8 scale average out below 0.5
+    assert 0.8 < mask_iou(coarse, big) < 1.0  # the disk survives (12x12 px at 1/8), rougher
+    assert mask_iou(lowres_mask(gt, 2), gt) > mask_iou(coarse, gt)  # milder shrinking, closer
+    assert np.array_equal(lowres_mask(gt, 1), gt)
+    with pytest.raises(ValueError, match="factor"):
+        lowres_mask(gt, 0.5)

@@ -67,3 +67,28 @@ def test_run_export_writes_the_runs_last_state(tmp_path):
         expected = value.half().float() if value.is_floating_point() else value
         torch.testing.assert_close(state[key], expected, atol=0, rtol=0)
     assert main(["train", "export", str(tmp_path), "--to", str(tmp_path / "x"), "--name", "x"]) == 2
+
+
+def test_cli_options_reach_the_crops_and_the_model(tmp_path, monkeypatch):
+    """``train refine --mask-skip --lowres-prob`` builds the skip model and mixes low-resolution masks."""
+    import json
+
+    from app.cli import main
+    from engine.models.refine import RefinerConfig
+    from training import train_refine as module
+
+    built = []
+
+    def fake_crops(sources, length, config):
+        built.append((tuple(sources), length, config))
+        return Disks()
+
+    monkeypatch.setattr(module, "build_refine_crops", fake_crops)
+    monkeypatch.setattr(module, "RefinerConfig", lambda **kw: RefinerConfig(**kw, **TINY))  # a tiny model
+    args = ["train", "refine", "--mask-skip", "--lowres-prob", "0.3", "--sources", "idrid", "--crops-per-epoch",
+            "8", "--steps", "2", "--batch-size", "2", "--run", str(tmp_path / "run")]
+    assert main(args) == 0
+    (sources, length, config), = built
+    assert sources == ("idrid",) and length == 8 and config.lowres_prob == 0.3
+    saved = json.loads((tmp_path / "run" / "train_config.json").read_text())
+    assert saved["lowres_prob"] == 0.3 and saved["model"] == {"mask_skip": True}

@@ -4,7 +4,9 @@
 masks float32 in {0, 1}. Each sample draws a source, then a crop whose ground truth holds both
 foreground and background (the crop is placed on a boundary pixel, at a random scale), then
 flip and colour jitter (CascadePSP: ColorJitter(0.2, 0.05, 0.05) and 10 % grayscale), then the
-coarse mask from :func:`training.perturb.perturb_mask` (IoU with gt in [0.8, 1]).
+coarse mask from :func:`training.perturb.perturb_mask` (IoU with gt in [0.8, 1]), or with
+probability ``lowres_prob`` (default 0, as in CascadePSP) from :func:`training.perturb.lowres_mask`
+at a factor drawn log-uniformly from ``lowres_factors``.
 
 Sources:
 - :class:`ClassMaskSource`: one class of one image of a :class:`SegmentationDataset` as a binary
@@ -32,7 +34,7 @@ from torch.utils.data import Dataset
 from engine.errors import FineMaskError
 from engine.io import IMAGE_SUFFIXES, read_image
 from training.augment import color_jitter, random_grayscale, random_window, resize_image, resize_mask
-from training.perturb import PerturbConfig, perturb_mask
+from training.perturb import PerturbConfig, lowres_mask, perturb_mask
 
 from .readers import MaskFolderDataset, SegmentationDataset
 
@@ -49,6 +51,8 @@ class RefineCropConfig:
     attempts: int = 10  #: tries for a scaled crop holding both classes before falling back to scale 1
     cache_mb: int = 2048  #: per source and worker: decoded large images and masks kept in memory
     perturb: PerturbConfig = field(default_factory=PerturbConfig)
+    lowres_prob: float = 0.0  #: chance of a shrunk-and-enlarged coarse mask instead (not in CascadePSP)
+    lowres_factors: tuple[float, float] = (2.0, 8.0)  #: its shrink factor range (log-uniform)
     seed: int = 0
 
 
@@ -216,12 +220,21 @@ class RefineCrops(Dataset):
             image, gt = image[:, ::-1], gt[:, ::-1]
         image = color_jitter(image, rng, cfg.brightness, cfg.contrast, cfg.saturation)
         image = random_grayscale(image, rng, cfg.grayscale_prob)
-        coarse = perturb_mask(gt, rng, cfg.perturb)
+        coarse = coarse_for(gt, rng, cfg)
         return (
             torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32)),
             torch.from_numpy(np.ascontiguousarray(gt, dtype=np.float32))[None],
             torch.from_numpy(coarse.astype(np.float32))[None],
         )
+
+
+def coarse_for(gt: np.ndarray, rng: np.random.Generator, cfg: RefineCropConfig) -> np.ndarray:
+    """The coarse input of one crop: CascadePSP's perturbation or, with ``cfg.lowres_prob``, a
+    low-resolution version of ``gt`` (draws nothing extra from ``rng`` when that is 0)."""
+    if cfg.lowres_prob > 0 and rng.random() < cfg.lowres_prob:
+        lo, hi = cfg.lowres_factors
+        return lowres_mask(gt, float(np.exp(rng.uniform(np.log(lo), np.log(hi)))))
+    return perturb_mask(gt, rng, cfg.perturb)
 
 
 def boundary_crop(
