@@ -126,6 +126,14 @@ def run_dsrl(args: argparse.Namespace) -> int:
     return _train_with_bar(train_dsrl, cfg, run, args, rank, f"train {args.variant}")
 
 
+def _probability(text: str) -> float:
+    """argparse type: a float in [0, 1]."""
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
 def add_refine_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``train refine``."""
     parser.add_argument("--backbone", default="light", choices=["light", "resnet50"])
@@ -133,7 +141,7 @@ def add_refine_arguments(parser: argparse.ArgumentParser) -> None:
                         help="give the OS1 decoder stage the full-resolution input mask (not in the paper)")
     parser.add_argument("--sources", nargs="+", default=list(REFINE_SOURCES))
     parser.add_argument("--crops-per-epoch", type=int, default=10000)
-    parser.add_argument("--lowres-prob", type=float, default=0.0,
+    parser.add_argument("--lowres-prob", type=_probability, default=0.0,
                         help="share of coarse masks made by shrinking and enlarging the ground truth "
                              "(2-8x) instead of CascadePSP's perturbation (not in the paper)")
     parser.add_argument("--steps", type=int, default=45000)

@@ -338,6 +338,13 @@ def test_coarse_for_mixes_in_low_resolution_masks_only_when_asked(idrid_like):
     assert 3 <= sum(kinds) <= 17
 
 
+@pytest.mark.parametrize("bad", [{"lowres_prob": 1.5}, {"lowres_prob": -0.1}, {"lowres_factors": (0.5, 4.0)},
+                                 {"lowres_factors": (8.0, 2.0)}])
+def test_refine_crop_config_rejects_impossible_lowres_settings(bad):
+    with pytest.raises(FineMaskError, match="lowres_"):
+        RefineCropConfig(**bad)
+
+
 def test_refine_crops_deterministic_and_use_every_source(tmp_path, composite_source):
     a = RefineCrops([ClassMaskSource(_base(tmp_path)), composite_source], length=8)
     b = RefineCrops([ClassMaskSource(FolderDataset(tmp_path, ["a", "b", "c"])), composite_source], length=8)

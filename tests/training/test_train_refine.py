@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from torch.utils.data import Dataset
 
@@ -92,3 +93,12 @@ def test_cli_options_reach_the_crops_and_the_model(tmp_path, monkeypatch):
     assert sources == ("idrid",) and length == 8 and config.lowres_prob == 0.3
     saved = json.loads((tmp_path / "run" / "train_config.json").read_text())
     assert saved["lowres_prob"] == 0.3 and saved["model"] == {"mask_skip": True}
+
+
+def test_cli_rejects_a_lowres_share_outside_0_1(tmp_path, capsys):
+    from app.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["train", "refine", "--lowres-prob", "1.5", "--run", str(tmp_path / "run")])
+    assert "--lowres-prob: must be between 0 and 1, got 1.5" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

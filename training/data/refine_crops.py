@@ -55,6 +55,13 @@ class RefineCropConfig:
     lowres_factors: tuple[float, float] = (2.0, 8.0)  #: its shrink factor range (log-uniform)
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.lowres_prob <= 1.0:
+            raise FineMaskError(f"lowres_prob must be in [0, 1], got {self.lowres_prob}")
+        lo, hi = self.lowres_factors
+        if not 1.0 <= lo <= hi:
+            raise FineMaskError(f"lowres_factors must be 1 <= low <= high, got {self.lowres_factors}")
+
 
 class ClassMaskSource:
     """Binary masks of single classes from a segmentation dataset.
