@@ -24,6 +24,12 @@
    16 px are trimmed from inner tile edges, overlaps are averaged, and pixels no tile wrote keep
    the global result.
 
+   ``skip_global=True`` (not in the reference) runs the local step on the coarse mask itself: its
+   tiles get the binarised input as both mask and OS8 estimate. For masks that are already right
+   at the global step's pixel size (a segmentation made at a reduced size and enlarged; lesions a
+   few pixels wide once a 4K image is shrunk to L), the global step can only erase detail
+   (docs/RESULTS.md, IDRiD at 4K), so it is better skipped.
+
 Beyond the reference: tiles run in batches sized to free memory; the only full-size buffers are
 the float32 result and a uint8 overlap count (inputs are read one tile or row strip at a time),
 so memory is bounded by the batch, not the image; the module runs with BatchNorms folded and its
@@ -308,13 +314,15 @@ class Refiner:
 
     def refine(self, image: np.ndarray, mask: np.ndarray, fast: bool = False, L: int = 900,
                on_progress: ProgressFn | None = None, cancel: CancelFn | None = None, *,
-               selection: str | None = None, batch_size: int | None = None) -> np.ndarray:
+               selection: str | None = None, batch_size: int | None = None,
+               skip_global: bool = False) -> np.ndarray:
         """Refine ``mask`` on ``image``; return float32 (H, W) foreground confidence in [0, 1].
 
         image: (H, W, 3) uint8, uint16 or float in [0, 1] (gray and RGBA are accepted too).
         mask: (H, W) bool, uint8 0/255 (or 0/1), or float (thresholded at 0.5).
         ``L``: working size of the global step and tile size of the local step (pixels).
-        ``batch_size``: fixed tile batch (default: adaptive). Raises ``RefinementCancelled``.
+        ``batch_size``: fixed tile batch (default: adaptive). ``skip_global``: local step only,
+        starting from ``mask`` (see the module docstring). Raises ``RefinementCancelled``.
         """
         image = _check_image(image)
         mask, binarise = _mask_binariser(mask, image.shape[:2])
@@ -323,22 +331,24 @@ class Refiner:
             raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
         if L < 96:  # tiles need L/2 > 2 * 16 px margins (and the network some context)
             raise ValueError(f"L must be at least 96, got {L}")
+        if fast and skip_global:
+            raise ValueError("fast (global step only) and skip_global (local step only) exclude each other")
         self.stats = RefineStats(selection=selection)
         H, W = image.shape[:2]
-        gh, gw = global_size(H, W, L)
-        # Memory guard: full-size result, overlap count and binarised mask (float32 + 2 x uint8),
-        # and one L x L tile (the global step runs the same network on gh x gw); lowers the tile
-        # batch or refuses.
+        gh, gw = (min(L, H), min(L, W)) if skip_global else global_size(H, W, L)
+        # Memory guard: full-size result, overlap count and binarised mask (float32 + 2 x uint8;
+        # without the global step the mask is kept as float32), and one L x L tile (the global
+        # step runs the same network on gh x gw); lowers the tile batch or refuses.
         batch_size = self.adaptive_batch_size(
-            max(gh, min(L, H)), max(gw, min(L, W)), fixed_bytes=6 * H * W, wanted=batch_size,
-            what=f"refining a {W}x{H} image")
+            max(gh, min(L, H)), max(gw, min(L, W)), fixed_bytes=(9 if skip_global else 6) * H * W,
+            wanted=batch_size, what=f"refining a {W}x{H} image")
         with torch.inference_mode(), _threads(self.num_threads), \
                 reuse_freed_memory(self.reuse_cpu_memory and self.device.type == "cpu"):
             _check_cancel(cancel)
             if on_progress:
                 on_progress(0, 1, "global step")
             t0 = time.perf_counter()
-            glob = self.global_step(image, mask, binarise, L)
+            glob = coarse_as_global(mask, binarise) if skip_global else self.global_step(image, mask, binarise, L)
             self.stats.global_seconds = time.perf_counter() - t0
             if fast:
                 if on_progress:
@@ -354,6 +364,7 @@ class Refiner:
                       fast: bool = False, L: int = 900, ignore_index: int | None = None,
                       on_progress: ProgressFn | None = None, cancel: CancelFn | None = None,
                       selection: str | None = None, batch_size: int | None = None,
+                      skip_global: bool = False,
                       return_confidence: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """Refine a label map class by class; return labels like ``labels`` (same dtype).
 
@@ -384,7 +395,8 @@ class Refiner:
             self.adaptive_batch_size(min(L, H), min(L, W), wanted=1, what=f"refining a {W}x{H} label map",
                                      fixed_bytes=H * W * (labels.itemsize + 5) + 9 * box_area)
 
-        kwargs = {"fast": fast, "L": L, "cancel": cancel, "selection": selection, "batch_size": batch_size}
+        kwargs = {"fast": fast, "L": L, "cancel": cancel, "selection": selection, "batch_size": batch_size,
+                  "skip_global": skip_global}
         return arbitrate_classes(
             labels, probs,
             lambda box, mask, progress: self.refine(image[box[0]:box[1], box[2]:box[3]], mask,
@@ -586,6 +598,12 @@ def arbitrate_classes(labels: np.ndarray, probs: Any, refine_box: RefineBoxFn, *
         out[y0:y1, x0:x1][wins] = c
         np.copyto(region_best, conf, where=wins)
     return (out, best) if return_confidence else out
+
+
+def coarse_as_global(mask: np.ndarray, binarise: Callable[[np.ndarray], np.ndarray]) -> GlobalResult:
+    """The binarised coarse mask in place of a global result (``skip_global``): full size, 0 or 1."""
+    fg = torch.from_numpy(binarise(np.asarray(mask)).astype(np.float32))
+    return GlobalResult(os1=fg, os4=fg, full_shape=tuple(fg.shape))
 
 
 def select_tiles(tiles: list[Tile], glob: GlobalResult, selection: str, core_margin: int = 112) -> list[Tile]:

@@ -125,7 +125,7 @@ def coarse_mask(mask: np.ndarray, factor: int = COARSE_FACTOR) -> np.ndarray:
 
 def evaluate_refiner(refiner, dataset, indices: list[int], *, segmenter: Segmenter | None = None,
                      working_size: int | None = None, L: int = 900, fast: bool = False,
-                     on_progress: ProgressFn | None = None) -> RefinementScores:
+                     skip_global: bool = False, on_progress: ProgressFn | None = None) -> RefinementScores:
     """Refine each class mask of the chosen ``dataset`` images at full resolution.
 
     ``dataset.binary_masks(i)`` gives the image and ``{class: bool mask}`` of the classes present.
@@ -147,7 +147,7 @@ def evaluate_refiner(refiner, dataset, indices: list[int], *, segmenter: Segment
                     coarse[("segmenter", c)] = labels == names.index(c)
         for (source, c), before in coarse.items():
             gt = masks[c]
-            after = refiner.refine(image, before, fast=fast, L=L) > 0.5
+            after = refiner.refine(image, before, fast=fast, L=L, skip_global=skip_global) > 0.5
             rows.append({"image": dataset.stem(i), "class": c, "source": source,
                          "iou_before": _iou(before, gt), "iou_after": _iou(after, gt),
                          "mba_before": boundary_accuracy(before, gt), "mba_after": boundary_accuracy(after, gt)})

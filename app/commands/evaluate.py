@@ -29,6 +29,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     ref.add_argument("--working-size", type=int, default=None, help="segmenter's longer side")
     ref.add_argument("--L", type=int, default=900, dest="L")
     ref.add_argument("--fast", action="store_true", help="global step only")
+    ref.add_argument("--skip-global", action="store_true", help="local step only, on the coarse mask (not in the paper)")
     ref.add_argument("--threads", type=int, default=None)
     ref.add_argument("--json", action="store_true", help="print every row as JSON")
     ref.add_argument("--record", action="store_true", help="store the summary in the refinement model's card")
@@ -93,13 +94,15 @@ def run_refine(args: argparse.Namespace) -> int:
     indices = list(range(len(data)))[: args.images]
     bar = tqdm(total=len(indices), desc="evaluate refine", unit="image")
     scores = evaluate_refiner(refiner, data, indices, segmenter=segmenter, working_size=args.working_size,
-                              L=args.L, fast=args.fast, on_progress=lambda d, t, m: bar.update(1))
+                              L=args.L, fast=args.fast, skip_global=args.skip_global,
+                              on_progress=lambda d, t, m: bar.update(1))
     bar.close()
     if args.record:
         from engine.checkpoints import record_metrics
 
         record_metrics(args.model, f"{args.data}_{args.split}_refine", {
             "images": [data.stem(i) for i in indices], "L": args.L, "fast": args.fast,
+            "skip_global": args.skip_global,
             "segmenter": args.segmenter, "summary": scores.summary()})
     if args.json:
         print(json.dumps({"rows": scores.rows, "summary": scores.summary()}, indent=2))

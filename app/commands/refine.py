@@ -25,7 +25,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=DEFAULT_REFINER,
                    help="refinement model: shipped name, checkpoint folder, or the official CascadePSP "
                         f"weights file (.pth / 'model'); default {DEFAULT_REFINER}")
-    p.add_argument("--fast", action="store_true", help="global step only (quicker, coarser boundaries)")
+    steps = p.add_mutually_exclusive_group()
+    steps.add_argument("--fast", action="store_true", help="global step only (quicker, coarser boundaries)")
+    steps.add_argument("--skip-global", action="store_true",
+                       help="local step only, starting from the mask itself: for masks already right at "
+                            "reduced size (keeps structures a few pixels wide at L; not in the paper)")
     p.add_argument("--L", type=int, default=900, dest="L", help="working size and tile size in pixels (900)")
     p.add_argument("--tiles", choices=("cover", "fraction", "boundary", "all"), default=None,
                    help="which full-resolution tiles to refine: cover (default: fewest tiles reaching every "
@@ -66,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
             bar.set_postfix_str(message, refresh=False)
             bar.refresh()
 
-        kwargs = {"fast": args.fast, "L": args.L, "on_progress": on_progress, "selection": args.tiles}
+        kwargs = {"fast": args.fast, "L": args.L, "on_progress": on_progress, "selection": args.tiles,
+                  "skip_global": args.skip_global}
         if binary:
             conf = refiner.refine(image, labels > 0, **kwargs)
             out = (np.clip(conf, 0, 1) * 255 + 0.5).astype(np.uint8) if args.soft else \

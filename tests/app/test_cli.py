@@ -94,6 +94,10 @@ def test_refine_and_segment_refine(tmp_path, model_dir, refiner_dir):
     assert main([*args, "--L", "32"]) == 2 and not out.exists()  # out of range: a message, no traceback
     assert main([*args, "--L", "96"]) == 0
     assert read_labels(out).shape == (60, 90)
+    with pytest.raises(SystemExit):  # argparse: the two modes exclude each other
+        main([*args, "--fast", "--skip-global"])
+    out.unlink()
+    assert main([*args, "--L", "96", "--skip-global"]) == 0 and read_labels(out).shape == (60, 90)
     seg_out = tmp_path / "seg.tif"
     assert main(["segment", str(image), "-o", str(seg_out), "--model", str(model_dir), "--refine",
                  "--refiner", str(refiner_dir)]) == 0

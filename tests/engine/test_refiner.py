@@ -206,6 +206,29 @@ def test_fast_mode_is_the_resized_global_step():
     assert small.shape == (40, 50)
 
 
+def test_skip_global_runs_the_local_step_on_the_coarse_mask_itself(monkeypatch):
+    H, W, L = 300, 460, 128
+    img, mask = disc_scene(H, W)
+    ref = Refiner(ToyFCN(), device="cpu", precision="float32")
+    monkeypatch.setattr(ref, "global_step", lambda *a: pytest.fail("the global step ran"))
+    tiled = ref.refine(img, mask.astype(np.uint8) * 255, L=L, selection="all", batch_size=2, skip_global=True)
+    seg = torch.from_numpy(mask.astype(np.float32))[None, None] * 2 - 1
+    x = normalise_image(torch.from_numpy(img / 255.0).float().permute(2, 0, 1)[None])
+    with torch.inference_mode():
+        whole = torch.sigmoid(ref.model(x, seg, seg)["pass3_os1"])[0, 0].numpy()
+    inner = (slice(2, H - 2), slice(2, W - 2))
+    np.testing.assert_allclose(tiled[inner], whole[inner], atol=1e-5)
+    # with a tile selection, pixels far from the mask boundary keep the coarse mask exactly
+    out = ref.refine(img, mask, L=L, selection="cover", skip_global=True)
+    untouched = np.ones((H, W), bool)
+    for t in ref.stats.processed:
+        untouched[t.written] = False
+    assert 0 < untouched.sum() < H * W
+    np.testing.assert_array_equal(out[untouched], mask[untouched].astype(np.float32))
+    with pytest.raises(ValueError, match="exclude each other"):
+        ref.refine(img, mask, L=L, fast=True, skip_global=True)
+
+
 def test_refine_rejects_bad_inputs_in_plain_words():
     img, mask = disc_scene(60, 80)
     ref = tiny_refiner()

@@ -54,12 +54,12 @@ class Oracle:
     def __init__(self, data):
         self.truths = [m for _, masks in data.items for m in masks.values()]
 
-    def refine(self, image, mask, fast=False, L=900):
+    def refine(self, image, mask, fast=False, L=900, skip_global=False):
         return self.truths.pop(0).astype(np.float32)
 
 
 class Identity:
-    def refine(self, image, mask, fast=False, L=900):
+    def refine(self, image, mask, fast=False, L=900, skip_global=False):
         return mask.astype(np.float32)
 
 
