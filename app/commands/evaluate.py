@@ -29,7 +29,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     ref.add_argument("--working-size", type=int, default=None, help="segmenter's longer side")
     ref.add_argument("--L", type=int, default=900, dest="L")
     ref.add_argument("--fast", action="store_true", help="global step only")
-    ref.add_argument("--skip-global", action="store_true", help="local step only, on the coarse mask (not in the paper)")
+    ref.add_argument("--skip-global", action="store_true",
+                     help="local step only, on the coarse mask (not in the paper)")
     ref.add_argument("--threads", type=int, default=None)
     ref.add_argument("--json", action="store_true", help="print every row as JSON")
     ref.add_argument("--record", action="store_true", help="store the summary in the refinement model's card")
