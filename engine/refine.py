@@ -346,7 +346,7 @@ class Refiner:
                 reuse_freed_memory(self.reuse_cpu_memory and self.device.type == "cpu"):
             _check_cancel(cancel)
             if on_progress:
-                on_progress(0, 1, "global step")
+                on_progress(0, 1, "reading the mask" if skip_global else "global step")
             t0 = time.perf_counter()
             glob = coarse_as_global(mask, binarise) if skip_global else self.global_step(image, mask, binarise, L)
             self.stats.global_seconds = time.perf_counter() - t0
