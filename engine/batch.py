@@ -71,7 +71,8 @@ class BatchConfig:
     """What to run on each image (sent to every worker).
 
     ``model``: segmenter name or checkpoint folder. ``refiner``: refinement model, or None to
-    write the segmentation unrefined. ``fast``, ``L``, ``selection``: as ``Refiner.refine``.
+    write the segmentation unrefined. ``fast``, ``skip_global``, ``L``, ``selection``: as
+    ``Refiner.refine``.
     ``working_size``: segmenter's longer side (default: the model's). ``tile_batch``: tiles per
     refinement batch (default: 1 on CPU workers, 8 on GPU workers). ``precision``: refiner
     precision (``"auto"``, ``"float32"``, ``"bfloat16"``). ``device``: ``"cpu"``, ``"cuda"``, or
@@ -83,6 +84,7 @@ class BatchConfig:
     model: str = "camvid"
     refiner: str | None = None
     fast: bool = False
+    skip_global: bool = False
     L: int = 900
     working_size: int | None = None
     selection: str = "cover"
@@ -99,6 +101,8 @@ class BatchConfig:
             raise FineMaskError(f"L must be at least 96, got {self.L}")
         if self.selection not in SELECTIONS:
             raise FineMaskError(f"tile selection must be one of {', '.join(SELECTIONS)}, got {self.selection!r}")
+        if self.fast and self.skip_global:
+            raise FineMaskError("fast (global step only) and skip_global (local step only) exclude each other")
         if self.tile_batch is not None and self.tile_batch < 1:
             raise FineMaskError(f"tile batch must be at least 1, got {self.tile_batch}")
         return replace(self, model=_model_ref(self.model),
@@ -298,7 +302,8 @@ def process_image(source: str, output: str, config: BatchConfig) -> dict[str, An
         labels = result.labels
         if refiner is not None:
             labels = refiner.refine_labels(image, labels, result.probs, fast=config.fast, L=config.L,
-                                           selection=config.selection, batch_size=config.tile_batch)
+                                           skip_global=config.skip_global, selection=config.selection,
+                                           batch_size=config.tile_batch)
         del image, result
         write_labels(output, labels, palette=segmenter.palette)
         return _row(Path(source).name, "done", seconds=time.perf_counter() - t0)
@@ -393,15 +398,21 @@ class _ClusterTiles:
         self.client, self.source, self.config, self.window = client, source, config, max(1, window)
 
     def __call__(self, box: Box, glob: GlobalResult, batches: list[list[Tile]]) -> Iterator[np.ndarray]:
-        # The global result goes in a task's own spec (not client.scatter), so the scheduler can
-        # recompute it if the worker holding it dies.
-        g = self.client.submit(_identity, glob, pure=False)
+        # A reduced-size global result goes in a task's own spec (not client.scatter), so the
+        # scheduler can recompute it if the worker holding it dies. A full-resolution one (the
+        # coarse mask, skip_global) is too big to send whole: each batch gets its tiles' window.
+        g = None if glob.origin is not None else self.client.submit(_identity, glob, pure=False)
+
+        def submit(batch: list[Tile]) -> Any:
+            part = g if g is not None else glob.window((min(t.y0 for t in batch), max(t.y1 for t in batch)),
+                                                       (min(t.x0 for t in batch), max(t.x1 for t in batch)))
+            return self.client.submit(predict_tile_batch, self.source, box, part, batch, self.config, pure=False)
+
         pending: deque = deque()
         todo = iter(batches)
         try:
             for batch in todo:
-                pending.append(self.client.submit(predict_tile_batch, self.source, box, g, batch, self.config,
-                                                  pure=False))
+                pending.append(submit(batch))
                 if len(pending) >= self.window:
                     break
             while pending:
@@ -410,13 +421,13 @@ class _ClusterTiles:
                 fut.release()
                 nxt = next(todo, None)
                 if nxt is not None:
-                    pending.append(self.client.submit(predict_tile_batch, self.source, box, g, nxt, self.config,
-                                                      pure=False))
+                    pending.append(submit(nxt))
                 yield result
         finally:
             for fut in pending:
                 fut.cancel()
-            g.release()
+            if g is not None:
+                g.release()
 
 
 def _run_huge(client: Any, job: Job, config: BatchConfig, tile_batch: int, window: int,
@@ -439,7 +450,7 @@ def _run_huge(client: Any, job: Job, config: BatchConfig, tile_batch: int, windo
             with LazyImage(job.source, max_pixels=config.huge_max_pixels) as img:
                 labels = refine_labels_tiled(
                     img, labels, coarse.probs(), refiner, L=config.L, fast=config.fast,
-                    selection=config.selection, batch_size=tile_batch,
+                    skip_global=config.skip_global, selection=config.selection, batch_size=tile_batch,
                     run_tiles=_ClusterTiles(client, str(job.source), config, window),
                     on_progress=progress, cancel=cancel)
         write_labels(job.output, labels, palette=palette)

@@ -39,6 +39,7 @@ from .refine import (
     RefinementCancelled,
     Refiner,
     arbitrate_classes,
+    coarse_as_global,
     select_tiles,
 )
 from .tiling import (
@@ -353,17 +354,20 @@ def local_tiles(image: Any, refiner: Refiner) -> TileRunner:
 def refine_labels_tiled(image: Any, labels: np.ndarray, probs: Any, refiner: Refiner, *, L: int = 900,
                         fast: bool = False, selection: str | None = None, batch_size: int = 1,
                         run_tiles: TileRunner | None = None, on_progress: ProgressFn | None = None,
-                        cancel: CancelFn | None = None) -> np.ndarray:
+                        cancel: CancelFn | None = None, skip_global: bool = False) -> np.ndarray:
     """``Refiner.refine_labels(image, labels, probs, ...)`` for an image read lazily.
 
     ``image``: a ``LazyImage`` (or an array); ``labels``: (H, W) class indices in memory;
     ``probs``: (C, H, W) probabilities indexable by row strips (``LazyProbs``, an array) or None.
     The class loop, bounding boxes and arbitration are ``Refiner.refine_labels``' own
     (``engine.refine.arbitrate_classes``); each class's local step goes through ``run_tiles``
-    (default: in-process) in fixed batches of ``batch_size`` tiles. Returns labels like ``labels``. Raises ``RefinementCancelled``.
+    (default: in-process) in fixed batches of ``batch_size`` tiles. ``skip_global``: as
+    ``Refiner.refine``. Returns labels like ``labels``. Raises ``RefinementCancelled``.
     """
     if L < 96:
         raise ValueError(f"L must be at least 96, got {L}")
+    if fast and skip_global:
+        raise ValueError("fast (global step only) and skip_global (local step only) exclude each other")
     selection = selection or refiner.selection
     run_tiles = run_tiles or local_tiles(image, refiner)
     H, W = labels.shape
@@ -371,7 +375,7 @@ def refine_labels_tiled(image: Any, labels: np.ndarray, probs: Any, refiner: Ref
         raise FineMaskError(f"labels {labels.shape} do not match the image size {tuple(image.shape[:2])}")
 
     def refine_box(box: Box, mask: np.ndarray, progress: ProgressFn | None) -> np.ndarray:
-        return _refine_box(image, box, mask, refiner, L=L, fast=fast, selection=selection,
+        return _refine_box(image, box, mask, refiner, L=L, fast=fast, skip_global=skip_global, selection=selection,
                            batch_size=batch_size, run_tiles=run_tiles,
                            on_progress=progress or (lambda d, t, m: None), cancel=cancel)
 
@@ -379,16 +383,20 @@ def refine_labels_tiled(image: Any, labels: np.ndarray, probs: Any, refiner: Ref
 
 
 def _refine_box(image: Any, box: Box, mask: np.ndarray, refiner: Refiner, *, L: int, fast: bool,
-                selection: str, batch_size: int, run_tiles: TileRunner, on_progress: ProgressFn,
-                cancel: CancelFn | None) -> np.ndarray:
+                skip_global: bool, selection: str, batch_size: int, run_tiles: TileRunner,
+                on_progress: ProgressFn, cancel: CancelFn | None) -> np.ndarray:
     """``Refiner.refine`` of ``mask`` on the ``box`` of ``image``: float32 confidence of the box."""
     _check_cancel(cancel)
     view = crop_of(image, box)
     h, w = mask.shape
     if max(h, w) <= L:  # the global step reads a crop this small whole
         view = np.asarray(view[0:h, 0:w])
-    on_progress(0, 1, "global step")
-    glob = refiner.global_step(view, mask, lambda a: a, L)
+    if skip_global:
+        on_progress(0, 1, "reading the mask")
+        glob = coarse_as_global(mask, lambda a: a)
+    else:
+        on_progress(0, 1, "global step")
+        glob = refiner.global_step(view, mask, lambda a: a, L)
     if fast:
         on_progress(1, 1, "done")
         return refiner.upsample_global(glob)

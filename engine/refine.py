@@ -116,20 +116,43 @@ class RefineStats:
 
 @dataclass
 class GlobalResult:
-    """Output of the global step at the reduced size (gh, gw): float32 CPU tensors in [0, 1]."""
+    """Output of the global step at the reduced size (gh, gw): float32 CPU tensors in [0, 1].
+
+    ``coarse_as_global`` puts the coarse mask itself here instead, as uint8 0/1 at full resolution:
+    then ``origin`` is set, and the maps are the window of the full-size map starting there
+    (``window`` cuts one, so a cluster task gets only the rows and columns its tiles read).
+    """
 
     os1: torch.Tensor
     os4: torch.Tensor
     full_shape: tuple[int, int]
+    origin: tuple[int, int] | None = None
+
+    def window(self, rows: tuple[int, int], cols: tuple[int, int]) -> GlobalResult:
+        """The full-resolution window ``rows`` x ``cols`` (full-image coordinates) of this result."""
+        if self.origin is None:
+            raise ValueError("only a full-resolution result (origin set) has windows")
+        (r0, r1), (c0, c1), (oy, ox) = rows, cols, self.origin
+        part = self.os1[r0 - oy:r1 - oy, c0 - ox:c1 - ox]
+        same = self.os4 is self.os1
+        return GlobalResult(part, part if same else self.os4[r0 - oy:r1 - oy, c0 - ox:c1 - ox],
+                            self.full_shape, (r0, c0))
 
     def full_rows(self, r0: int, r1: int, which: str = "os1") -> np.ndarray:
         """Rows [r0, r1) of the map resized to the full image (bilinear), float32 (r1-r0, W)."""
-        low = self.os1 if which == "os1" else self.os4
-        return bilinear_region(low, self.full_shape, (r0, r1), (0, self.full_shape[1])).numpy()
+        return self._resized(which, (r0, r1), (0, self.full_shape[1])).numpy()
 
     def region(self, tile: Tile, which: str) -> torch.Tensor:
+        return self._resized(which, (tile.y0, tile.y1), (tile.x0, tile.x1))
+
+    def _resized(self, which: str, rows: tuple[int, int], cols: tuple[int, int]) -> torch.Tensor:
         low = self.os1 if which == "os1" else self.os4
-        return bilinear_region(low, self.full_shape, (tile.y0, tile.y1), (tile.x0, tile.x1))
+        if self.origin is not None:  # full resolution already: a plain slice
+            (r0, r1), (c0, c1), (oy, ox) = rows, cols, self.origin
+            if r0 < oy or c0 < ox or r1 - oy > low.shape[0] or c1 - ox > low.shape[1]:
+                raise ValueError(f"rows {rows}, cols {cols} are outside this window")
+            return low[r0 - oy:r1 - oy, c0 - ox:c1 - ox].float()
+        return bilinear_region(low, self.full_shape, rows, cols)
 
 
 # --------------------------------------------------------------------------------------------
@@ -336,11 +359,11 @@ class Refiner:
         self.stats = RefineStats(selection=selection)
         H, W = image.shape[:2]
         gh, gw = (min(L, H), min(L, W)) if skip_global else global_size(H, W, L)
-        # Memory guard: full-size result, overlap count and binarised mask (float32 + 2 x uint8;
-        # without the global step the mask is kept as float32), and one L x L tile (the global
-        # step runs the same network on gh x gw); lowers the tile batch or refuses.
+        # Memory guard: full-size result, overlap count and binarised mask (float32 + 2 x uint8),
+        # and one L x L tile (the global step runs the same network on gh x gw); lowers the tile
+        # batch or refuses.
         batch_size = self.adaptive_batch_size(
-            max(gh, min(L, H)), max(gw, min(L, W)), fixed_bytes=(9 if skip_global else 6) * H * W,
+            max(gh, min(L, H)), max(gw, min(L, W)), fixed_bytes=6 * H * W,
             wanted=batch_size, what=f"refining a {W}x{H} image")
         with torch.inference_mode(), _threads(self.num_threads), \
                 reuse_freed_memory(self.reuse_cpu_memory and self.device.type == "cpu"):
@@ -601,9 +624,9 @@ def arbitrate_classes(labels: np.ndarray, probs: Any, refine_box: RefineBoxFn, *
 
 
 def coarse_as_global(mask: np.ndarray, binarise: Callable[[np.ndarray], np.ndarray]) -> GlobalResult:
-    """The binarised coarse mask in place of a global result (``skip_global``): full size, 0 or 1."""
-    fg = torch.from_numpy(binarise(np.asarray(mask)).astype(np.float32))
-    return GlobalResult(os1=fg, os4=fg, full_shape=tuple(fg.shape))
+    """The binarised coarse mask in place of a global result (``skip_global``): full size, uint8 0/1."""
+    fg = torch.from_numpy(binarise(np.asarray(mask)).astype(np.uint8, copy=False))
+    return GlobalResult(os1=fg, os4=fg, full_shape=tuple(fg.shape), origin=(0, 0))
 
 
 def select_tiles(tiles: list[Tile], glob: GlobalResult, selection: str, core_margin: int = 112) -> list[Tile]:

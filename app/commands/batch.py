@@ -22,7 +22,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--working-size", type=int, default=None, help="longer side fed to the segmenter")
     p.add_argument("--refine", action="store_true", help="refine the labels at full resolution")
     p.add_argument("--refiner", default=DEFAULT_REFINER, help="refinement model name or folder")
-    p.add_argument("--fast", action="store_true", help="with --refine: global step only")
+    steps = p.add_mutually_exclusive_group()
+    steps.add_argument("--fast", action="store_true", help="with --refine: global step only")
+    steps.add_argument("--skip-global", action="store_true",
+                       help="with --refine: full-resolution tiles only, on the mask as it is (not in the paper)")
     p.add_argument("--L", type=int, default=900, dest="L", help="refiner working size and tile size (900)")
     p.add_argument("--tiles", choices=("cover", "fraction", "boundary", "all"), default="cover", help="which tiles the refiner runs (cover)")
     p.add_argument("--tile-batch", type=int, default=None,
@@ -46,8 +49,8 @@ def run(args: argparse.Namespace) -> int:
 
     huge = {} if args.huge_pixels is None else {"huge_pixels": args.huge_pixels}
     config = BatchConfig(model=args.model, refiner=args.refiner if args.refine else None, fast=args.fast,
-                         L=args.L, working_size=args.working_size, selection=args.tiles,
-                         tile_batch=args.tile_batch, device=args.device, **huge)
+                         skip_global=args.skip_global, L=args.L, working_size=args.working_size,
+                         selection=args.tiles, tile_batch=args.tile_batch, device=args.device, **huge)
     with tqdm(total=0, desc="batch", unit="image", dynamic_ncols=True) as bar:
         def on_progress(done: int, total: int, message: str) -> None:
             if bar.total != total:

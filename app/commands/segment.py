@@ -19,7 +19,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--working-size", type=int, default=None, help="longer side fed to the model")
     p.add_argument("--refine", action="store_true", help="refine the labels at full resolution")
     p.add_argument("--refiner", default="refine-light", help="refinement model name or folder")
-    p.add_argument("--fast", action="store_true", help="with --refine: global step only")
+    steps = p.add_mutually_exclusive_group()
+    steps.add_argument("--fast", action="store_true", help="with --refine: global step only")
+    steps.add_argument("--skip-global", action="store_true",
+                       help="with --refine: full-resolution tiles only, on the mask as it is (not in the paper)")
     p.set_defaults(run=run)
 
 
@@ -40,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
             result = segmenter.predict(image, args.working_size)
             labels = result.labels
             if refiner is not None:
-                labels = refiner.refine_labels(image, labels, result.probs, fast=args.fast)
+                labels = refiner.refine_labels(image, labels, result.probs, fast=args.fast,
+                                               skip_global=args.skip_global)
             write_labels(dst, labels, palette=segmenter.palette)
         except FineMaskError as exc:
             if len(jobs) == 1:

@@ -25,6 +25,7 @@ import numpy as np
 
 from engine.checkpoints import CARD_FILE, ModelCard, available_models, read_card, resolve
 from engine.errors import FineMaskError
+from engine.refine_modes import mode_options
 
 ProgressFn = Callable[[int, int, str], None]
 CancelFn = Callable[[], bool]
@@ -359,9 +360,11 @@ class Refinement:
 
 
 def refine(refiner: Any, image: np.ndarray, values: np.ndarray, probs: np.ndarray | None = None, *,
-           fast: bool = False, on_progress: ProgressFn | None = None,
+           mode: str = "full", on_progress: ProgressFn | None = None,
            cancel: CancelFn | None = None) -> Refinement:
     """Refine any Labels layer's values at full resolution (``engine.refine.Refiner``).
+
+    ``mode``: "full", "fast" or "local" (``engine.refine_modes``).
 
     Every value is a region, 0 included, so a mask drawn by hand on an empty layer refines like
     a binary mask. ``probs`` (C, H, W) from the segmentation that made the layer are used as the
@@ -369,6 +372,7 @@ def refine(refiner: Any, image: np.ndarray, values: np.ndarray, probs: np.ndarra
     """
     from engine.refine import RefinementCancelled
 
+    options = mode_options(mode)
     values = np.asarray(values)
     if values.ndim != 2:
         raise FineMaskError(f"labels must be a 2-D layer, found shape {values.shape}")
@@ -380,11 +384,11 @@ def refine(refiner: Any, image: np.ndarray, values: np.ndarray, probs: np.ndarra
     try:
         if use_probs:
             classes = values.astype(np.uint16) - 1 if values.dtype != np.uint8 else values - np.uint8(1)
-            out = refiner.refine_labels(image, classes, probs, fast=fast, on_progress=on_progress, cancel=cancel)
+            out = refiner.refine_labels(image, classes, probs, **options, on_progress=on_progress, cancel=cancel)
             out = (out + 1).astype(values.dtype)
         else:
             work = values if values.dtype.kind == "u" else values.astype(np.int64)
-            out = refiner.refine_labels(image, work, fast=fast, on_progress=on_progress, cancel=cancel)
+            out = refiner.refine_labels(image, work, **options, on_progress=on_progress, cancel=cancel)
             out = out.astype(values.dtype, copy=False)
     except RefinementCancelled:
         raise JobCancelled("refinement cancelled") from None

@@ -37,6 +37,7 @@ from qtpy.QtWidgets import QComboBox, QScrollArea
 
 from engine.checkpoints import read_card
 from engine.errors import FineMaskError
+from engine.refine_modes import MODE_HELP, REFINE_MODES
 
 from . import logic
 
@@ -123,8 +124,9 @@ class FineMaskWidget(QScrollArea):
         self.segment_button = PushButton(text="Segment")
         # Refine
         self.labels_choice = ComboBox(label="Labels", choices=self._labels_layers, nullable=True)
-        self.refine_mode = RadioButtons(label="Mode", choices=["fast", "full"], value="full",
-                                        orientation="horizontal")
+        self.refine_mode = RadioButtons(label="Mode", choices=list(REFINE_MODES), value="full",
+                                        orientation="horizontal",
+                                        tooltip="\n".join(f"{k}: {v}" for k, v in MODE_HELP.items()))
         self.refine_button = PushButton(text="Refine")
         self.show_changes = CheckBox(text="Show what changed", value=False)
         self.refine_info = Label(value="")
@@ -281,12 +283,12 @@ class FineMaskWidget(QScrollArea):
         values = np.array(labels.data, copy=True)  # the user may keep painting meanwhile
         info = labels.metadata.get("finemask", {})
         probs = info.get("probs")
-        fast = self.refine_mode.value == "fast"
+        mode = self.refine_mode.value
         source = self.refiner_choice.value
 
         def job(on_progress, cancel):
             image = logic.image_for_engine(data, rgb, limits)
-            return logic.refine(self.models.refiner(source), image, values, probs, fast=fast,
+            return logic.refine(self.models.refiner(source), image, values, probs, mode=mode,
                                 on_progress=on_progress, cancel=cancel)
 
         self._run("refinement", job, partial(self._show_refinement, labels, image_layer))

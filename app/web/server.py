@@ -33,10 +33,11 @@ import gradio as gr
 import numpy as np
 
 from engine.errors import FineMaskError
+from engine.refine_modes import MODE_HELP, REFINE_MODES
 
 from .editor import css_colour
 from .render import legend_html, metrics_markdown, overlay_view, uncertainty_view
-from .session import REFINE_MODES, WORKING_SIZE_RANGE, WebConfig, Work, Workbench
+from .session import WORKING_SIZE_RANGE, WebConfig, Work, Workbench
 
 log = logging.getLogger("finemask.web")
 ENGINE = "engine"  # concurrency group of all model work
@@ -358,7 +359,7 @@ def build_app(config: WebConfig | None = None, *, model: str | Path | None = Non
                 refiner_dd = gr.Dropdown(ref_choices, value=bench.default_refiner, label="Refinement model",
                                          elem_id="refiner", allow_custom_value=False)
                 mode = gr.Radio(list(REFINE_MODES), value="fast", label="Refinement",
-                                info="fast: whole image at reduced size; full: also full-resolution tiles")
+                                info="; ".join(f"{k}: {v}" for k, v in MODE_HELP.items()))
                 refine_btn = gr.Button("Refine", elem_id="refine-btn")
                 cancel_btn = gr.Button("Cancel", variant="stop", elem_id="cancel-btn")
                 status = gr.Markdown(bench.store_summary(), elem_id="status")

@@ -26,6 +26,7 @@ import numpy as np
 
 from engine.checkpoints import ModelCard, available_models, read_card, resolve
 from engine.errors import FineMaskError
+from engine.refine_modes import mode_options
 from engine.io import IMAGE_SUFFIXES, image_shape, read_image, read_labels, write_labels
 from engine.store import PairRecord, Store, check_class_ids
 
@@ -51,7 +52,6 @@ WORKING_SIZE_RANGE = (32, 4096)
 KEEP_PROBS_BYTES = 256 << 20
 #: Loaded models kept in memory (least recently used ones are dropped).
 MODEL_CACHE = 3
-REFINE_MODES = ("fast", "full")
 
 
 def default_store_dir() -> Path:
@@ -385,14 +385,13 @@ class Workbench:
 
     def refine(self, work: Work, refiner: str | None = None, mode: str = "fast",
                on_progress: ProgressFn | None = None, cancel: CancelFn | None = None) -> Work:
-        """Refine the current labels at full resolution (``mode`` "fast": global step only)."""
+        """Refine the current labels at full resolution (``mode``: see ``engine.refine_modes``)."""
         if work.labels is None:
             raise FineMaskError("nothing to refine yet: segment the image (or load labels) first")
-        if mode not in REFINE_MODES:
-            raise FineMaskError(f"refinement mode must be one of {', '.join(REFINE_MODES)}, got {mode!r}")
+        options = mode_options(mode)
         model = self.refiner_for(refiner)
         t0 = time.perf_counter()
-        labels, confidence = model.refine_labels(work.image, work.labels, work.probs, fast=mode == "fast",
+        labels, confidence = model.refine_labels(work.image, work.labels, work.probs, **options,
                                                  on_progress=on_progress, cancel=cancel, return_confidence=True)
         work.seconds["refine"] = time.perf_counter() - t0
         work.before = work.labels

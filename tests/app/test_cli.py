@@ -7,8 +7,9 @@ import torch
 
 from app.cli import main
 from engine.checkpoints import ModelCard, save_checkpoint
-from engine.io import read_labels, write_image
+from engine.io import read_image, read_labels, write_image
 from engine.models import SegmenterConfig, create_model
+from engine.refine import Refiner
 from engine.segment import Segmenter
 
 TINY = dict(encoder_width=0.25, aspp_channels=16, low_level_channels=8, decoder_channels=16,
@@ -74,7 +75,6 @@ def test_demo_writes_labels_and_overlay(tmp_path, model_dir, capsys):
 @pytest.fixture()
 def refiner_dir(tmp_path):
     from engine.models.refine import RefinementModule, RefinerConfig
-    from engine.refine import Refiner
 
     torch.manual_seed(0)
     cfg = RefinerConfig(backbone="light", stage_channels=(8, 8, 16, 16), stage_blocks=(1, 1, 1, 1),
@@ -103,6 +103,12 @@ def test_refine_and_segment_refine(tmp_path, model_dir, refiner_dir):
                  "--refiner", str(refiner_dir)]) == 0
     refined = read_labels(seg_out)
     assert refined.shape == (60, 90) and refined.max() < 3
+    assert main(["segment", str(image), "-o", str(seg_out), "--model", str(model_dir), "--refine",
+                 "--refiner", str(refiner_dir), "--skip-global"]) == 0
+    result = Segmenter.from_pretrained(model_dir).predict(read_image(image))
+    want = Refiner.from_pretrained(refiner_dir).refine_labels(read_image(image), result.labels, result.probs,
+                                                              skip_global=True)
+    np.testing.assert_array_equal(read_labels(seg_out), want)
 
 
 @pytest.mark.parametrize("job", ["dsrl", "refine"])

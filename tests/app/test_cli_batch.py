@@ -65,6 +65,14 @@ def test_batch_on_a_running_cluster_reports_bad_files_and_resumes(tmp_path, mode
     assert main(args) == 0  # nothing left to do: everything skipped
     assert "0 done, 4 skipped, 0 failed of 4" in capsys.readouterr().out
 
+    local = tmp_path / "local"  # local step only, on the segmentation as it is
+    assert main([*args[:2], str(local), *args[3:], "--skip-global"]) == 0
+    for i in range(4):
+        result = seg.predict(folder / f"img{i}.png")
+        want = ref.refine_labels(read_image(folder / f"img{i}.png"), result.labels, result.probs, L=128,
+                                 skip_global=True)
+        np.testing.assert_array_equal(read_labels(local / f"img{i}.tif"), want)
+
 
 def test_batch_starts_its_own_local_cluster(tmp_path, models, capsys):
     folder = _folder(tmp_path, 3)

@@ -12,6 +12,7 @@ import signal
 import struct
 import tempfile
 import zlib
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -222,6 +223,12 @@ def test_tiled_refinement_equals_refine_labels_in_process(models, tmp_path):
             assert (got != lab).any()  # and refinement changed something, so equality means something
         fast = refine_labels_tiled(lazy, labels, probs, ref, L=L, fast=True)
         np.testing.assert_array_equal(fast, ref.refine_labels(img, labels, probs[:, :], L=L, fast=True))
+        local = refine_labels_tiled(lazy, labels, probs, ref, L=L, skip_global=True, selection="all")
+        want = ref.refine_labels(img, labels, probs[:, :], L=L, skip_global=True, selection="all")
+        np.testing.assert_array_equal(local, want)
+        assert (local != labels).any()
+        with pytest.raises(ValueError, match="exclude each other"):
+            refine_labels_tiled(lazy, labels, probs, ref, L=L, fast=True, skip_global=True)
     # Coarse labels: the model on the image shrunk by area averaging instead of bilinear
     # antialiasing (engine.huge.segment_lazy); they differ only near class ties.
     agree = (coarse.labels() == seg.predict(img).labels).mean()
@@ -313,6 +320,20 @@ def test_huge_tiff_refined_on_the_cluster_equals_one_machine(models, client, tmp
     got = read_labels(out / "big.tif")
     np.testing.assert_array_equal(got, want)
     assert (got != labels).any()
+
+    # Local step only: each tile task gets its window of the full-resolution coarse mask.
+    local = replace(config, skip_global=True)
+    with distributed.get_task_stream(client) as stream:
+        summary = run_batch(src, tmp_path / "out-local", local, client=client)
+    assert summary.rows[0]["status"] == "done", summary.rows
+    assert any(str(t["key"]).startswith("predict_tile_batch") for t in stream.data)
+    want = ref.refine_labels(img, labels, coarse.probs()[:, :], L=L, selection="all", batch_size=2,
+                             skip_global=True)
+    got_local = read_labels(tmp_path / "out-local" / "big.tif")
+    np.testing.assert_array_equal(got_local, want)
+    assert (got_local != labels).any()
+    with pytest.raises(FineMaskError, match="exclude each other"):
+        BatchConfig(fast=True, skip_global=True).checked()
 
 
 def test_zarr_folders_are_inputs_read_whole_or_in_parts(models, client, tmp_path):

@@ -22,9 +22,10 @@ from engine.refine import (
     RefinementCancelled,
     Refiner,
     _boundary_pixels,
+    coarse_as_global,
     select_tiles,
 )
-from engine.tiling import bilinear_region, tile_grid
+from engine.tiling import Tile, bilinear_region, tile_grid
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = RefinerConfig(backbone="light", stage_channels=(8, 16, 16, 24), psp_channels=16,
@@ -227,6 +228,24 @@ def test_skip_global_runs_the_local_step_on_the_coarse_mask_itself(monkeypatch):
     np.testing.assert_array_equal(out[untouched], mask[untouched].astype(np.float32))
     with pytest.raises(ValueError, match="exclude each other"):
         ref.refine(img, mask, L=L, fast=True, skip_global=True)
+
+
+def test_the_coarse_mask_as_global_result_is_read_and_windowed_without_resampling():
+    mask = np.random.default_rng(0).random((50, 70)) > 0.5
+    glob = coarse_as_global(mask, lambda a: a)
+    np.testing.assert_array_equal(glob.full_rows(10, 20), mask[10:20].astype(np.float32))
+    tile = Tile(0, 12, 28, 6, 39, 12, 28, 6, 39)
+    part = glob.window((10, 30), (5, 40))  # what one cluster task receives
+    assert part.origin == (10, 5) and part.os1.shape == (20, 35)
+    for g in (glob, part):
+        for which in ("os1", "os4"):
+            region = g.region(tile, which)
+            assert region.dtype == torch.float32
+            np.testing.assert_array_equal(region.numpy(), mask[12:28, 6:39].astype(np.float32))
+    with pytest.raises(ValueError, match="outside this window"):
+        part.region(Tile(0, 0, 16, 6, 39, 0, 16, 6, 39), "os1")
+    with pytest.raises(ValueError, match="only a full-resolution result"):
+        GlobalResult(glob.os1.float()[::2, ::2], glob.os1.float()[::2, ::2], (50, 70)).window((0, 10), (0, 10))
 
 
 def test_refine_rejects_bad_inputs_in_plain_words():

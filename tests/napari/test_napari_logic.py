@@ -121,9 +121,11 @@ class _RecordingRefiner:
 
     def __init__(self):
         self.calls = []
+        self.options = []
 
     def refine_labels(self, image, labels, probs=None, **kwargs):
         self.calls.append((labels.copy(), probs))
+        self.options.append({k: kwargs[k] for k in ("fast", "skip_global")})
         out = labels.copy()
         out[0, 0] = 0
         return out
@@ -154,13 +156,24 @@ def test_refine_treats_every_value_as_a_region_without_probs():
         logic.refine(fake, np.zeros((5, 5, 3), np.uint8), drawn)
 
 
+def test_refine_modes_choose_the_steps_that_run():
+    values = np.array([[1, 1, 0], [0, 0, 0]], np.uint8)
+    fake = _RecordingRefiner()
+    for mode in ("full", "fast", "local"):
+        logic.refine(fake, np.zeros((2, 3, 3), np.uint8), values, mode=mode)
+    assert fake.options == [{"fast": False, "skip_global": False}, {"fast": True, "skip_global": False},
+                            {"fast": False, "skip_global": True}]
+    with pytest.raises(FineMaskError, match="refinement mode must be one of full, fast, local"):
+        logic.refine(fake, np.zeros((2, 3, 3), np.uint8), values, mode="quick")
+
+
 def test_refine_with_a_tiny_refiner_keeps_size_and_values(tiny_models, scene):
     from engine.refine import Refiner
 
     refiner = Refiner.from_pretrained(tiny_models[1], device="cpu")
     drawn = np.zeros(scene.shape[:2], np.uint8)
     drawn[:20, :] = 1  # a rough "sky" drawn by hand
-    out = logic.refine(refiner, scene, drawn, fast=True)
+    out = logic.refine(refiner, scene, drawn, mode="fast")
     assert out.values.shape == drawn.shape
     assert set(np.unique(out.values)) <= {0, 1}
 

@@ -15,7 +15,7 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from web_testkit import running_app, save_png, scene, tiny_models, web_config
 
-from engine.io import read_labels, write_labels
+from engine.io import read_image, read_labels, write_labels
 from engine.store import Store
 
 
@@ -33,7 +33,7 @@ def client(server):
     return Client(server[1], verbose=False)
 
 
-def test_segment_refine_save_finetune_download(server, client, tmp_path):
+def test_segment_refine_save_finetune_download(server, client, tmp_path, monkeypatch):
     demo = server[0]
     bench = demo.finemask
     image = save_png(tmp_path / "scene.png", scene())
@@ -57,6 +57,17 @@ def test_segment_refine_save_finetune_download(server, client, tmp_path):
     assert refined.shape == labels.shape
     assert set(np.unique(refined)) <= set(np.unique(labels))
     assert rinfo["origin"] == "refined"
+    # refine (local: full-resolution tiles on the labels as they are): the engine's skip_global run
+    refiner, seen = bench.refiner_for(None), []
+    original = refiner.refine_labels
+    monkeypatch.setattr(refiner, "refine_labels", lambda *a, **k: seen.append(k) or original(*a, **k))
+    _, ltif, _, _, _ = client.predict(image=handle_file(image), labels=handle_file(tif), mode="local",
+                                      api_name="/refine")
+    assert seen[-1]["skip_global"] and not seen[-1]["fast"]
+    want = original(read_image(image), labels, None, skip_global=True)
+    np.testing.assert_array_equal(read_labels(ltif), want)
+    with pytest.raises(AppError, match="refinement mode must be one of full, fast, local"):
+        client.predict(image=handle_file(image), labels=handle_file(tif), mode="quick", api_name="/refine")
 
     # save an edited mask: the store holds exactly these labels, and the model's class names
     edited = labels.copy()
