@@ -133,10 +133,10 @@ class GlobalResult:
         if self.origin is None:
             raise ValueError("only a full-resolution result (origin set) has windows")
         (r0, r1), (c0, c1), (oy, ox) = rows, cols, self.origin
-        part = self.os1[r0 - oy:r1 - oy, c0 - ox:c1 - ox]
-        same = self.os4 is self.os1
-        return GlobalResult(part, part if same else self.os4[r0 - oy:r1 - oy, c0 - ox:c1 - ox],
-                            self.full_shape, (r0, c0))
+        # copies, not views: a pickled view would carry the whole full-size storage
+        part = self.os1[r0 - oy:r1 - oy, c0 - ox:c1 - ox].clone()
+        os4 = part if self.os4 is self.os1 else self.os4[r0 - oy:r1 - oy, c0 - ox:c1 - ox].clone()
+        return GlobalResult(part, os4, self.full_shape, (r0, c0))
 
     def full_rows(self, r0: int, r1: int, which: str = "os1") -> np.ndarray:
         """Rows [r0, r1) of the map resized to the full image (bilinear), float32 (r1-r0, W)."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -237,6 +238,7 @@ def test_the_coarse_mask_as_global_result_is_read_and_windowed_without_resamplin
     tile = Tile(0, 12, 28, 6, 39, 12, 28, 6, 39)
     part = glob.window((10, 30), (5, 40))  # what one cluster task receives
     assert part.origin == (10, 5) and part.os1.shape == (20, 35)
+    assert len(pickle.dumps(part)) < 20 * 35 + 2000 < len(pickle.dumps(glob))  # not the whole mask
     for g in (glob, part):
         for which in ("os1", "os4"):
             region = g.region(tile, which)

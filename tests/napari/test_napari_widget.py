@@ -101,6 +101,7 @@ def test_segment_refine_correct_save_finetune_undo(make_napari_viewer, qtbot, ti
 
     # --- refine (full): full-size result, a view of what changed
     widget.labels_choice.value = labels
+    assert tuple(widget.refine_mode.choices) == ("full", "fast", "local")
     widget.refine_mode.value = "full"
     run_job(qtbot, widget, widget.refine)
     refined = viewer.layers["scene labels refined"]
