@@ -26,8 +26,8 @@ import numpy as np
 
 from engine.checkpoints import ModelCard, available_models, read_card, resolve
 from engine.errors import FineMaskError
-from engine.refine_modes import mode_options
 from engine.io import IMAGE_SUFFIXES, image_shape, read_image, read_labels, write_labels
+from engine.refine_modes import mode_options
 from engine.store import PairRecord, Store, check_class_ids
 
 from .editor import EditResult, apply_strokes, brush_colours, strokes_from_layers
