@@ -28,7 +28,8 @@
    tiles get the binarised input as both mask and OS8 estimate. For masks that are already right
    at the global step's pixel size (a segmentation made at a reduced size and enlarged; lesions a
    few pixels wide once a 4K image is shrunk to L), the global step can only erase detail
-   (docs/RESULTS.md, IDRiD at 4K), so it is better skipped.
+   (docs/RESULTS.md, IDRiD at 4K), so it is better skipped. The apps call this the "local" mode
+   (``engine.refine_modes``).
 
 Beyond the reference: tiles run in batches sized to free memory; the only full-size buffers are
 the float32 result and a uint8 overlap count (inputs are read one tile or row strip at a time),
