@@ -364,8 +364,8 @@ class Refiner:
         # and one L x L tile (the global step runs the same network on gh x gw); lowers the tile
         # batch or refuses.
         batch_size = self.adaptive_batch_size(
-            max(gh, min(L, H)), max(gw, min(L, W)), fixed_bytes=6 * H * W,
-            wanted=batch_size, what=f"refining a {W}x{H} image")
+            max(gh, min(L, H)), max(gw, min(L, W)), fixed_bytes=6 * H * W, wanted=batch_size,
+            what=f"refining a {W}x{H} image")
         with torch.inference_mode(), _threads(self.num_threads), \
                 reuse_freed_memory(self.reuse_cpu_memory and self.device.type == "cpu"):
             _check_cancel(cancel)
