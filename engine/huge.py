@@ -387,14 +387,14 @@ def _refine_box(image: Any, box: Box, mask: np.ndarray, refiner: Refiner, *, L: 
                 on_progress: ProgressFn, cancel: CancelFn | None) -> np.ndarray:
     """``Refiner.refine`` of ``mask`` on the ``box`` of ``image``: float32 confidence of the box."""
     _check_cancel(cancel)
-    view = crop_of(image, box)
     h, w = mask.shape
-    if max(h, w) <= L:  # the global step reads a crop this small whole
-        view = np.asarray(view[0:h, 0:w])
-    if skip_global:
+    if skip_global:  # no image read here: the tile runner reads its tiles' crops
         on_progress(0, 1, "reading the mask")
         glob = coarse_as_global(mask, lambda a: a)
     else:
+        view = crop_of(image, box)
+        if max(h, w) <= L:  # the global step reads a crop this small whole
+            view = np.asarray(view[0:h, 0:w])
         on_progress(0, 1, "global step")
         glob = refiner.global_step(view, mask, lambda a: a, L)
     if fast:
