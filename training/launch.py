@@ -15,6 +15,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from engine.models.config import VARIANTS
+
 from .data.refine_crops import REFINE_SOURCES
 from .loop import LoopConfig
 
@@ -35,8 +37,7 @@ def init_distributed() -> tuple[int, int]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``train dsrl``."""
     parser.add_argument("--data", default="camvid", help="dataset name (camvid, dubai, idrid)")
-    parser.add_argument("--variant", default="dsrl",
-                        choices=["baseline", "sssr", "sssr_sisr", "dsrl", "dsrl_dup", "dsrl_res"])
+    parser.add_argument("--variant", default="dsrl", choices=list(VARIANTS))
     parser.add_argument("--encoder", default="mobile", choices=["mobile", "resnet18", "resnet34", "resnet50"])
     parser.add_argument("--output-stride", type=int, default=16, choices=[8, 16])
     parser.add_argument("--crop", type=int, nargs=2, default=[352, 480], metavar=("H", "W"),

@@ -20,6 +20,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "dsrl": dict(sssr=True, sisr=True, feature_affinity=True),
     "dsrl_dup": dict(sssr=True, sisr=True, feature_affinity=True, decoder="dupsampling"),
     "dsrl_res": dict(sssr=True, sisr=True, feature_affinity=True, sr_target="residual"),
+    # DSRL with the baseline's bilinear 2x upsampling in place of the SSSR head, as the Dootmaan/DSRL
+    # implementation builds it: SISR branch and FA on the upsampled logits; inference = baseline.
+    "dsrl_bilinear": dict(sssr=False, sisr=True, feature_affinity=True),
 }
 
 
@@ -34,7 +37,8 @@ class SegmenterConfig:
       - ``sssr``: learnable sub-pixel upsampling to 2x input; without it logits are upsampled bilinearly.
       - ``sisr``: training-only super-resolution branch; ``sr_target`` ``"image"`` predicts the
         2x RGB image, ``"residual"`` the SRNet-style residual (and adds MPR-SA to that branch).
-      - ``feature_affinity``: feature transforms on both branches for the FA loss (needs sssr+sisr).
+      - ``feature_affinity``: feature transforms on both branches for the FA loss (needs sisr); the
+        segmentation side is the SSSR head's features, or without it the upsampled logits.
 
     Widths: ``encoder_width`` multiplies the encoder's channel counts; ``aspp_channels``,
     ``low_level_channels`` (OS4 skip projection) and ``decoder_channels`` size the decoder;
@@ -85,8 +89,8 @@ class SegmenterConfig:
             raise ValueError(f"encoder_width must be positive, got {self.encoder_width!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
-        if self.feature_affinity and not (self.sssr and self.sisr):
-            raise ValueError("feature_affinity needs both the SSSR head (sssr=True) and the SISR branch (sisr=True)")
+        if self.feature_affinity and not self.sisr:
+            raise ValueError("feature_affinity needs the SISR branch (sisr=True)")
         if self.sr_target == "residual" and not self.sisr:
             raise ValueError("sr_target='residual' needs the SISR branch (sisr=True)")
 

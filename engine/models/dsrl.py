@@ -46,7 +46,8 @@ class SegmentationHead(nn.Module):
 
     With ``sssr``: sub-pixel upsampling to 2x, then a 1x1 classifier (the SSSR head); the
     features before the classifier are returned for the feature transform. Without: a 1x1
-    classifier (skipped when the decoder already outputs logits) and bilinear upsampling.
+    classifier (skipped when the decoder already outputs logits) and bilinear upsampling; the
+    upsampled logits stand for the features (what the FA loss compares in Dootmaan/DSRL).
     """
 
     def __init__(self, in_channels: int, in_stride: int, num_classes: int, sssr: bool,
@@ -59,14 +60,15 @@ class SegmentationHead(nn.Module):
             self.out_channels = self.upsample.out_channels
         else:
             self.classifier = None if input_is_logits else nn.Conv2d(in_channels, num_classes, 1, bias=True)
-            self.out_channels = in_channels
+            self.out_channels = num_classes
 
     def forward(self, x: torch.Tensor, out_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         if self.sssr:
             features = self.upsample(x)
             return self.classifier(features), features
         logits = x if self.classifier is None else self.classifier(x)
-        return F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False), x
+        logits = F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False)
+        return logits, logits
 
 
 class FeatureTransforms(nn.Module):

@@ -59,7 +59,8 @@ def test_inputs_that_are_not_padded_are_refused_clearly():
         model(torch.rand(1, 4, 32, 32))
 
 
-@pytest.mark.parametrize("variant, encoder", [("dsrl", "resnet18"), ("dsrl_dup", "mobile"), ("dsrl_res", "mobile")])
+@pytest.mark.parametrize("variant, encoder", [("dsrl", "resnet18"), ("dsrl_dup", "mobile"), ("dsrl_res", "mobile"),
+                                             ("dsrl_bilinear", "mobile")])
 def test_one_backward_reaches_every_parameter_and_the_optimizer_holds_them_all(variant, encoder):
     torch.manual_seed(0)
     config = tiny(variant, encoder=encoder, output_stride=8)
@@ -88,7 +89,7 @@ def count_flops(model, x):
     return counter.get_total_flops()
 
 
-@pytest.mark.parametrize("variant", ["dsrl", "dsrl_dup", "dsrl_res"])
+@pytest.mark.parametrize("variant", ["dsrl", "dsrl_dup", "dsrl_res", "dsrl_bilinear"])
 def test_inference_flops_equal_the_plain_network(variant):
     config = tiny(variant, output_stride=8)
     x = torch.rand(1, 3, 40, 56)
@@ -99,7 +100,21 @@ def test_inference_flops_equal_the_plain_network(variant):
     assert inference < training
 
 
-@pytest.mark.parametrize("variant", ["dsrl", "dsrl_dup", "dsrl_res", "baseline"])
+def test_dsrl_bilinear_infers_with_exactly_the_baseline_network():
+    x = torch.rand(1, 3, 40, 56)
+    bilinear = create_model(tiny("dsrl_bilinear", output_stride=8), inference=True)
+    baseline = create_model(tiny("baseline", output_stride=8), inference=True)
+    shapes = {k: v.shape for k, v in bilinear.state_dict().items()}
+    assert shapes == {k: v.shape for k, v in baseline.state_dict().items()}
+    assert count_flops(bilinear, x) == count_flops(baseline, x)
+    training = create_model(tiny("dsrl_bilinear", output_stride=8))
+    out = training(x)
+    # The FA loss compares the upsampled logits (through their feature transform) with the SR features.
+    expected = training.feature_transform.seg(out.logits)
+    torch.testing.assert_close(out.f_seg, expected)
+
+
+@pytest.mark.parametrize("variant", ["dsrl", "dsrl_dup", "dsrl_res", "dsrl_bilinear", "baseline"])
 def test_training_checkpoint_loads_into_the_inference_model(variant):
     torch.manual_seed(0)
     config = tiny(variant, output_stride=8)

@@ -20,6 +20,7 @@ def test_variants_set_the_documented_switches():
         "dsrl": (True, True, True, "deeplab", "image"),
         "dsrl_dup": (True, True, True, "dupsampling", "image"),
         "dsrl_res": (True, True, True, "deeplab", "residual"),
+        "dsrl_bilinear": (False, True, True, "deeplab", "image"),
     }
 
 
@@ -47,7 +48,7 @@ def test_json_round_trip():
         (dict(sr_target="edges"), "sr_target"),
         (dict(num_classes=0), "num_classes"),
         (dict(sisr=False), "feature_affinity"),
-        (dict(sssr=False), "feature_affinity"),
+        (dict(sssr=False, sisr=False), "feature_affinity"),
         (dict(feature_affinity=False, sisr=False, sr_target="residual"), "residual"),
         (dict(encoder_width=0), "encoder_width"),
     ],
