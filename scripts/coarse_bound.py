@@ -12,9 +12,9 @@ import argparse
 
 import numpy as np
 
-from engine.metrics import boundary_accuracy
+from engine.metrics import boundary_accuracy, dataset_iou
 from training.data import load_dataset
-from training.evaluate import _iou, coarse_mask
+from training.evaluate import coarse_mask
 
 
 def main() -> None:
@@ -31,7 +31,7 @@ def main() -> None:
             for f in args.factors:
                 coarse = coarse_mask(gt, f)
                 for key in ((f, cls), (f, "all")):
-                    scores.setdefault(key, []).append((_iou(coarse, gt), boundary_accuracy(coarse, gt)))
+                    scores.setdefault(key, []).append((dataset_iou([(coarse, gt)]), boundary_accuracy(coarse, gt)))
         print(f"{data.stem(i)} done", flush=True)
     print("| factor | class | masks | IoU | mBA |\n|---|---|---|---|---|")
     for (f, cls), values in sorted(scores.items(), key=lambda kv: (kv[0][0], kv[0][1] == "all", kv[0][1])):
