@@ -30,8 +30,9 @@ def main() -> None:
         for cls, gt in masks.items():
             for f in args.factors:
                 coarse = coarse_mask(gt, f)
+                score = (dataset_iou([(coarse, gt)]), boundary_accuracy(coarse, gt))
                 for key in ((f, cls), (f, "all")):
-                    scores.setdefault(key, []).append((dataset_iou([(coarse, gt)]), boundary_accuracy(coarse, gt)))
+                    scores.setdefault(key, []).append(score)
         print(f"{data.stem(i)} done", flush=True)
     print("| factor | class | masks | IoU | mBA |\n|---|---|---|---|---|")
     for (f, cls), values in sorted(scores.items(), key=lambda kv: (kv[0][0], kv[0][1] == "all", kv[0][1])):
