@@ -14,3 +14,7 @@ class FineMaskError(Exception):
         self.problem = problem
         self.path = None if path is None else Path(path)
         super().__init__(f"{self.path}: {problem}" if self.path is not None else problem)
+
+
+class Cancelled(Exception):
+    """A job stopped because its ``cancel()`` check returned True (every job raises this one type)."""

@@ -67,7 +67,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoints import ModelCard, load_checkpoint, save_checkpoint
-from .errors import FineMaskError
+from .errors import Cancelled, FineMaskError
 from .memory_guard import activation_bytes_per_pixel, plan_batch
 from .models.refine import (
     RefinementModule,
@@ -98,8 +98,8 @@ TILE_MARGIN = 16
 FRACTION_RANGE = (0.1, 0.9)
 
 
-class RefinementCancelled(Exception):
-    """Raised inside ``refine`` / ``refine_labels`` when the cancel check returns True."""
+#: Kept as a name for old imports; refinement raises ``engine.errors.Cancelled``.
+RefinementCancelled = Cancelled
 
 
 @dataclass
@@ -770,7 +770,7 @@ def cpu_has_bf16() -> bool:
 
 def _check_cancel(cancel: CancelFn | None) -> None:
     if cancel is not None and cancel():
-        raise RefinementCancelled("refinement cancelled")
+        raise Cancelled("refinement cancelled")
 
 
 def _load_state(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from .checkpoints import ModelCard, load_checkpoint
-from .errors import FineMaskError
+from .errors import Cancelled, FineMaskError
 from .io import image_from_array, read_image
 from .memory_guard import activation_bytes_per_pixel, plan_batch
 from .preprocess import fit_longer_side, pad_to_multiple, resize, to_tensor, upsample_rows
@@ -109,7 +109,7 @@ class Segmenter:
             size = self.batch_that_fits(shape, [arrays[i].shape[:2] for i in group])
             for c0 in range(0, len(group), size):
                 if cancel is not None and cancel():
-                    raise InterruptedError("segmentation cancelled")
+                    raise Cancelled("segmentation cancelled")
                 idx = group[c0:c0 + size]
                 batch = torch.stack([resize(to_tensor(arrays[i])[None], shape)[0] for i in idx])
                 low = self.logits(batch).softmax(dim=1).float().cpu()

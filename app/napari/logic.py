@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from engine.checkpoints import CARD_FILE, ModelCard, available_models, read_card, resolve
-from engine.errors import FineMaskError
+from engine.errors import Cancelled, FineMaskError
 from engine.refine_modes import mode_options
 
 ProgressFn = Callable[[int, int, str], None]
@@ -334,7 +334,7 @@ def segment(segmenter: Any, image: np.ndarray, working_size: int | None = None,
         raise JobCancelled("segmentation cancelled")
     try:
         result = segmenter.predict_batch([image], working_size or None, on_progress=on_progress, cancel=cancel)[0]
-    except InterruptedError:
+    except Cancelled:
         raise JobCancelled("segmentation cancelled") from None
     palette = [list(map(int, c)) for c in segmenter.palette]
     if len(palette) < len(classes):
@@ -370,7 +370,6 @@ def refine(refiner: Any, image: np.ndarray, values: np.ndarray, probs: np.ndarra
     a binary mask. ``probs`` (C, H, W) from the segmentation that made the layer are used as the
     coarse confidence when they fit (no unlabelled pixels, every value a class of ``probs``).
     """
-    from engine.refine import RefinementCancelled
 
     options = mode_options(mode)
     values = np.asarray(values)
@@ -390,7 +389,7 @@ def refine(refiner: Any, image: np.ndarray, values: np.ndarray, probs: np.ndarra
             work = values if values.dtype.kind == "u" else values.astype(np.int64)
             out = refiner.refine_labels(image, work, **options, on_progress=on_progress, cancel=cancel)
             out = out.astype(values.dtype, copy=False)
-    except RefinementCancelled:
+    except Cancelled:
         raise JobCancelled("refinement cancelled") from None
     stats = getattr(refiner, "stats", None)
     seconds = {"global": float(getattr(stats, "global_seconds", 0.0)),

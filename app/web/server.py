@@ -32,7 +32,7 @@ from typing import Any
 import gradio as gr
 import numpy as np
 
-from engine.errors import FineMaskError
+from engine.errors import Cancelled, FineMaskError
 from engine.refine_modes import MODE_HELP, REFINE_MODES
 
 from .editor import css_colour
@@ -97,15 +97,13 @@ def user_errors(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from engine.refine import RefinementCancelled
-
         try:
             return fn(*args, **kwargs)
         except gr.Error:
             raise
         except FineMaskError as exc:
             raise gr.Error(str(exc), title="FineMask", print_exception=False) from None
-        except (InterruptedError, RefinementCancelled):
+        except Cancelled:
             raise gr.Error("Cancelled.", title="Cancelled", print_exception=False) from None
         except MemoryError:
             raise gr.Error("Not enough memory for this image: try a smaller working size or image.",

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import Cancelled
 from .layers import ConvBNAct
 
 # Largest one-hot block (elements) built at once while fitting, to bound memory on big label maps.
@@ -99,7 +100,7 @@ def fit_basis(
         total = len(labels) if hasattr(labels, "__len__") else 0  # 0: unknown (a generator)
     for done, label_map in enumerate(_label_maps(labels)):
         if cancel is not None and cancel():
-            raise InterruptedError("fit_basis cancelled")
+            raise Cancelled("fit_basis cancelled")
         for block in label_patches(label_map, num_classes, ratio):
             gram += block.t() @ block
             count += block.shape[0]

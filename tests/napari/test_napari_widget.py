@@ -23,6 +23,7 @@ from qtpy.QtCore import QTimer
 
 from app.napari import logic
 from app.napari.widget import FineMaskWidget
+from engine.errors import Cancelled
 from engine.segment import Segmenter
 from engine.store import Store
 
@@ -217,7 +218,7 @@ class _SlowSegmenter:
         deadline = time.monotonic() + 20
         while not self.release.is_set() and time.monotonic() < deadline:
             if cancel():
-                raise InterruptedError("cancelled")
+                raise Cancelled("cancelled")
             time.sleep(0.01)
         raise AssertionError("the test never releases this job")
 

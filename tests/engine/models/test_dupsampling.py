@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from engine.errors import Cancelled
 from engine.models import SegmenterConfig, create_model, fit_basis
 from engine.models.dupsampling import default_basis, label_patches, reconstruct
 
@@ -125,5 +126,5 @@ def test_fit_basis_accepts_uint16_tensors_and_generators_and_reports_progress():
     calls = []
     fit_basis(list(labels), 3, 4, 10, on_progress=lambda done, total, _: calls.append((done, total)))
     assert calls == [(1, 3), (2, 3), (3, 3)]
-    with pytest.raises(InterruptedError):
+    with pytest.raises(Cancelled):
         fit_basis(list(labels), 3, 4, 10, cancel=lambda: True)
