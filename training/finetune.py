@@ -34,19 +34,19 @@ import torch
 import torch.distributed as dist
 
 from engine.atomic import atomic_write_bytes
-from engine.checkpoints import ModelCard, load_checkpoint, read_card, resolve
+from engine.checkpoints import ModelCard, load_checkpoint, resolve
 from engine.errors import FineMaskError
 from engine.filelock import FileLock
 from engine.io import default_palette
 from engine.metrics import boundary_accuracy_multiclass, confusion_matrix_open, miou
 from engine.store import UNLABELLED, Store
+from engine.versions import MODELS_DIR, list_versions, models_dir  # noqa: F401 - re-exported (moved to engine)
 from training.augment import resize_labels
 from training.data.store_dataset import NO_IGNORE, StoreDataset
 from training.loop import EpochKeyed, LoopConfig, train_loop
 
 ProgressFn = Callable[[int, int, str], None]
 CancelFn = Callable[[], bool]
-MODELS_DIR = "models"
 RUNS_DIR = ".runs"
 #: Coarse masks for evaluating a refiner: ground truth downscaled by this factor and upscaled.
 COARSE_FACTOR = 8
@@ -92,30 +92,6 @@ class FinetuneResult:
     history: list[dict[str, float]] = field(default_factory=list)
     run_dir: Path | None = None
     seconds: float = 0.0
-
-
-def models_dir(store: Store | str | Path) -> Path:
-    """The folder holding a store's fine-tuned model versions (``<store>/models``)."""
-    root = store.root if isinstance(store, Store) else Path(store).expanduser()
-    return root / MODELS_DIR
-
-
-def list_versions(store: Store | str | Path) -> list[tuple[str, Path, ModelCard]]:
-    """Fine-tuned versions in the store's models folder as (name, folder, card), oldest first.
-
-    Folders that are not readable model folders (say, half-copied by hand) are skipped.
-    """
-    folder = models_dir(store)
-    found = []
-    for path in sorted(folder.iterdir()) if folder.is_dir() else []:
-        if not path.is_dir() or path.name.startswith("."):
-            continue
-        try:
-            card = read_card(resolve(path))
-        except FineMaskError:
-            continue
-        found.append((path.name, path, card))
-    return sorted(found, key=lambda v: (str(v[2].training.get("created", "")), v[0]))
 
 
 def finetune(
