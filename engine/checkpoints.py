@@ -138,6 +138,14 @@ def resolve(name_or_path: str | Path) -> Path:
     raise FineMaskError(f"no such model (shipped models: {names})", path)
 
 
+def is_shipped(folder: str | Path) -> bool:
+    """Whether ``folder`` is (inside) the shipped models folder ``assets/models``."""
+    try:
+        return Path(folder).resolve().is_relative_to(ASSETS_MODELS.resolve())
+    except OSError:
+        return False
+
+
 def read_card(name_or_path: str | Path) -> ModelCard:
     """Read only the card of a checkpoint."""
     folder = resolve(name_or_path)
@@ -155,11 +163,16 @@ def record_metrics(name_or_path: str | Path, key: str, metrics: Any, *, merge: b
     """Store ``metrics`` (JSON-able) under ``card.metrics[key]``; the card is rewritten atomically.
 
     With ``merge``, a dict of metrics updates the one stored under ``key`` instead of replacing it
-    (so scores recorded per test set, one set at a time, accumulate).
+    (so scores recorded per test set, one set at a time, accumulate). A shipped model (under
+    ``assets/models``) is refused: its card belongs to the installed package.
     """
     from .atomic import atomic_write_text
 
     folder = resolve(name_or_path)
+    if is_shipped(folder):
+        raise FineMaskError("this model is shipped with FineMask (assets/models); its card is part of the installed "
+                            "package and is never written. Copy the folder elsewhere and record the scores there",
+                            folder)
     card = read_card(folder)
     new = json.loads(json.dumps(metrics))
     old = card.metrics.get(key)
