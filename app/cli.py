@@ -17,6 +17,7 @@ COMMANDS = {
     "store": "app.commands.store",
     "finetune": "app.commands.finetune",
     "batch": "app.commands.batch",
+    "models": "app.commands.models",
 }
 
 

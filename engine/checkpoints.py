@@ -111,15 +111,23 @@ class ModelCard:
         return None
 
 
-def available_models() -> list[str]:
+def shipped_models() -> list[str]:
     """Names of the shipped models in ``assets/models``."""
     if not ASSETS_MODELS.is_dir():
         return []
     return sorted(p.name for p in ASSETS_MODELS.iterdir() if (p / CARD_FILE).is_file())
 
 
+def available_models() -> list[str]:
+    """Names of the shipped models, then of the user's installed ones (``engine.installed``)."""
+    from .installed import list_installed
+
+    shipped = shipped_models()
+    return shipped + [m.name for m in list_installed() if m.kind != "encoder" and m.name not in shipped]
+
+
 def resolve(name_or_path: str | Path) -> Path:
-    """Return the checkpoint folder for a shipped model name, a folder, or a file inside one."""
+    """Return the checkpoint folder for a shipped or installed model name, a folder, or a file inside one."""
     path = Path(name_or_path).expanduser()
     if path.is_file() and path.name in (WEIGHTS_FILE, CARD_FILE):
         path = path.parent
@@ -134,8 +142,14 @@ def resolve(name_or_path: str | Path) -> Path:
     shipped = ASSETS_MODELS / str(name_or_path)
     if "/" not in str(name_or_path) and (shipped / CARD_FILE).is_file():
         return shipped
+    from .installed import installed_folder
+
+    installed = installed_folder(str(name_or_path))
+    if installed is not None:
+        return installed
     names = ", ".join(available_models()) or "none"
-    raise FineMaskError(f"no such model (shipped models: {names})", path)
+    raise FineMaskError(f"no such model (shipped and installed models: {names}; "
+                        "`finemask models list` shows what can be downloaded)", path)
 
 
 def is_shipped(folder: str | Path) -> bool:
