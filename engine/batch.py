@@ -27,13 +27,12 @@ import csv
 import io
 import logging
 import os
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import tifffile
@@ -53,8 +52,14 @@ from .huge import (
     refine_labels_tiled,
 )
 from .io import IMAGE_SUFFIXES, image_from_array, image_shape, read_image, write_labels
+from .model_cache import shared_models
+from .pipeline import refine_mode, segment_image
 from .refine import SELECTIONS, GlobalResult, RefinementCancelled
 from .tiling import Tile
+
+if TYPE_CHECKING:
+    from .refine import Refiner
+    from .segment import Segmenter
 
 ProgressFn = Callable[[int, int, str], None]
 CancelFn = Callable[[], bool]
@@ -201,16 +206,13 @@ def output_done(path: str | Path, shape: tuple[int, int]) -> bool:
 
 
 # --------------------------------------------------------------------------------------------
-# Per-process model cache (each Dask worker is a process).
-
-_MODELS: dict[tuple[str, str, str, str], Any] = {}
-_LOADS: dict[str, int] = {}
-_MODELS_LOCK = threading.Lock()
+# Models: the per-process cache every front end uses (``engine.model_cache``; each Dask worker
+# is a process).
 
 
 def model_loads() -> dict[str, int]:
     """How many times this process loaded each model ("segmenter:<ref>", "refiner:<ref>")."""
-    return dict(_LOADS)
+    return dict(shared_models().loads)
 
 
 def _device(config: BatchConfig, worker: Any = None) -> str:
@@ -234,29 +236,14 @@ def _device(config: BatchConfig, worker: Any = None) -> str:
     return "cuda"
 
 
-def _cached(kind: str, ref: str, config: BatchConfig, worker: Any = None) -> Any:
-    device = _device(config, worker)
-    key = (kind, ref, device, config.precision if kind == "refiner" else "")
-    with _MODELS_LOCK:
-        if key not in _MODELS:
-            if kind == "segmenter":
-                from .segment import Segmenter
-
-                _MODELS[key] = Segmenter.from_pretrained(ref, device=device)
-            else:
-                from .refine import Refiner
-
-                _MODELS[key] = Refiner.from_pretrained(ref, device=device, precision=config.precision)
-            _LOADS[f"{kind}:{ref}"] = _LOADS.get(f"{kind}:{ref}", 0) + 1
-        return _MODELS[key]
+def _segmenter(config: BatchConfig, worker: Any = None) -> Segmenter:
+    return shared_models().segmenter(config.model, device=_device(config, worker))
 
 
-def _segmenter(config: BatchConfig, worker: Any = None) -> Any:
-    return _cached("segmenter", config.model, config, worker)
-
-
-def _refiner(config: BatchConfig, worker: Any = None) -> Any:
-    return None if config.refiner is None else _cached("refiner", config.refiner, config, worker)
+def _refiner(config: BatchConfig, worker: Any = None) -> Refiner | None:
+    if config.refiner is None:
+        return None
+    return shared_models().refiner(config.refiner, device=_device(config, worker), precision=config.precision)
 
 
 def _preload(config: BatchConfig, dask_worker: Any = None) -> str:
@@ -293,18 +280,15 @@ def load_source(path: str | Path, max_pixels: int | None = None) -> np.ndarray:
 def process_image(source: str, output: str, config: BatchConfig) -> dict[str, Any]:
     """Segment (and refine) one image read whole and write its labels; return its summary row.
 
-    The same computation as ``finemask segment [--refine]`` on one machine."""
+    The same per-image pipeline (``engine.pipeline``) as ``finemask segment [--refine]``."""
     t0 = time.perf_counter()
     try:
         segmenter, refiner = _segmenter(config), _refiner(config)
         image = load_source(source, config.max_pixels)
-        result = segmenter.predict(image, config.working_size)
-        labels = result.labels
-        if refiner is not None:
-            labels = refiner.refine_labels(image, labels, result.probs, fast=config.fast, L=config.L,
-                                           skip_global=config.skip_global, selection=config.selection,
-                                           batch_size=config.tile_batch)
-        del image, result
+        labels = segment_image(segmenter, image, working_size=config.working_size, refiner=refiner,
+                               mode=refine_mode(config.fast, config.skip_global), L=config.L,
+                               selection=config.selection, tile_batch=config.tile_batch).labels
+        del image
         write_labels(output, labels, palette=segmenter.palette)
         return _row(Path(source).name, "done", seconds=time.perf_counter() - t0)
     except Exception as exc:  # noqa: BLE001 - a bad image must not take the batch down

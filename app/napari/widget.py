@@ -1,7 +1,8 @@
 """The FineMask dock widget: Model, Segment, Refine, Correct and save, Fine-tune.
 
-A thin magicgui/Qt shell over ``logic.py``. Every model job (segmentation, refinement, saving,
-undo, fine-tuning) runs in a napari worker thread; progress crosses to the UI thread through a
+A thin magicgui/Qt shell over ``logic.py`` and the workbench (``app.workbench``, shared with the
+web app). Every model job (segmentation, refinement, saving, undo, fine-tuning) runs in a napari
+worker thread; progress crosses to the UI thread through a
 queued Qt signal and is shown in the widget and in napari's activity panel. Errors become napari
 notifications that name the cause; Cancel stops a job at its next check.
 """
@@ -35,9 +36,10 @@ from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QObject, Qt, Signal, Slot
 from qtpy.QtWidgets import QComboBox, QScrollArea
 
-from engine.checkpoints import read_card
-from engine.errors import FineMaskError
+from app.workbench import WORKING_SIZE_RANGE, FinetuneCancelled, ModelCatalog
+from engine.errors import Cancelled, FineMaskError
 from engine.refine_modes import MODE_HELP, REFINE_MODES
+from engine.store import Store
 
 from . import logic
 
@@ -66,8 +68,11 @@ class _Relay(QObject):
 
 
 def _mark_corrected(info: dict, event: Any = None) -> None:
-    """Paint events of a FineMask Labels layer: its labels now count as "corrected"."""
+    """Paint events of a FineMask Labels layer: its labels now count as "corrected", and the
+    segmentation's class probabilities no longer describe them (Refine then goes without, as in
+    the web app)."""
     info["origin"] = "corrected"
+    info.pop("probs", None)
 
 
 def _detach(handler: Callable, events: tuple, viewer: Any, cancel: Callable[[], None], *_) -> None:
@@ -98,13 +103,13 @@ class FineMaskWidget(QScrollArea):
         self.form = Container(labels=False)
         self.viewer = viewer
         self.models = logic.ModelCache()
-        self.extra_models: list[str] = []
-        self.store = None
+        self.catalog = ModelCatalog(cache=self.models)
+        self.store: Store | None = None
         self.finetune_options: dict[str, Any] = {}
         self.last_result: Any = None
         self.last_error: BaseException | None = None
         self.loss_history: list[float] = []
-        self._choices: dict[str, logic.ModelChoice] = {}
+        self._choices: dict[str, logic.ModelEntry] = {}
         self._worker = None
         self._job = ""
         self._cancel = threading.Event()
@@ -112,7 +117,7 @@ class FineMaskWidget(QScrollArea):
         self._relay = _Relay(self._on_progress)
 
         # Model
-        self._lists: dict[str, list[logic.ModelChoice]] = {"segmentation": [], "refinement": []}
+        self._lists: dict[str, list[logic.ModelEntry]] = {"segmentation": [], "refinement": []}
         self.segmenter_choice = ComboBox(label="Segmenter", choices=partial(self._model_options, "segmentation"))
         self.segmenter_info = Label(value="")
         self.refiner_choice = ComboBox(label="Refiner", choices=partial(self._model_options, "refinement"))
@@ -120,7 +125,8 @@ class FineMaskWidget(QScrollArea):
         self.model_folder = FileEdit(label="Add model folder", mode="d", nullable=True)
         # Segment
         self.image_choice = ComboBox(label="Image", choices=self._image_layers, nullable=True)
-        self.working_size = SpinBox(label="Working size (px, 0 = model's)", min=0, max=16384, value=0)
+        self.working_size = SpinBox(label="Working size (px, 0 = model's)", min=0, max=WORKING_SIZE_RANGE[1],
+                                    value=0)
         self.segment_button = PushButton(text="Segment")
         # Refine
         self.labels_choice = ComboBox(label="Labels", choices=self._labels_layers, nullable=True)
@@ -220,9 +226,9 @@ class FineMaskWidget(QScrollArea):
 
     def refresh_models(self, segmenter: str | None = None, refiner: str | None = None) -> None:
         """Re-list shipped, fine-tuned (store) and added models; keep or set the selections."""
-        root = self.store.root if self.store is not None else None
-        segs = logic.list_models("segmentation", root, self.extra_models, default=logic.DEFAULT_SEGMENTER)
-        refs = logic.list_models("refinement", root, self.extra_models, default=logic.DEFAULT_REFINER)
+        self.catalog.store_root = self.store.root if self.store is not None else None
+        segs = self.catalog.entries("segmentation", default=logic.DEFAULT_SEGMENTER)
+        refs = self.catalog.entries("refinement", default=logic.DEFAULT_REFINER)
         self._choices = {c.source: c for c in segs + refs}
         self._lists = {"segmentation": segs, "refinement": refs}
         for combo, choices, wanted in ((self.segmenter_choice, segs, segmenter),
@@ -236,21 +242,19 @@ class FineMaskWidget(QScrollArea):
     def _model_options(self, task: str, widget=None) -> list[tuple[str, str]]:
         return [(c.label, c.source) for c in self._lists[task]]
 
+    @property
+    def extra_models(self) -> list[str]:
+        """Model folders added by hand."""
+        return self.catalog.folders
+
     def add_model_folder(self, folder: str | Path, select: bool = True) -> None:
         """Offer a model folder (segmenter or refiner) and, with ``select``, pick it."""
-        card = read_card(folder)
-        folder = str(folder)
-        if folder not in self.extra_models:
-            self.extra_models.append(folder)
-        wanted = {"segmentation": "segmenter", "refinement": "refiner"}.get(card.task)
-        if wanted is None:
-            raise FineMaskError(f"a {card.task!r} model is neither a segmenter nor a refiner", folder)
-        self.refresh_models(**({wanted: folder} if select else {}))
+        entry = self.catalog.add_folder(folder)
+        wanted = "segmenter" if entry.task == "segmentation" else "refiner"
+        self.refresh_models(**({wanted: entry.source} if select else {}))
 
     def open_store(self, folder: str | Path) -> None:
         """Open (or create) the annotation store and remember it for the next session."""
-        from engine.store import Store
-
         self.store = Store.open(folder, create=True)
         logic.save_settings(store=str(self.store.root))
         self.refresh_models()
@@ -311,10 +315,10 @@ class FineMaskWidget(QScrollArea):
         origin, model = info.get("origin", "corrected"), info.get("model")
 
         def job(on_progress, cancel):
-            on_progress(0, 1, "saving")
             image = logic.image_for_engine(data, rgb, limits)
             return logic.save_pair(store, image, values, classes, pair_id=pair_id, image_file=image_file,
-                                   origin=origin, model_version=model, name=image_layer.name)
+                                   origin=origin, model_version=model, name=image_layer.name,
+                                   on_progress=on_progress, cancel=cancel)
 
         def done(outcome: logic.SaveOutcome) -> None:
             image_layer.metadata["finemask_pair"] = {"store": str(store.root), "id": outcome.pair_id}
@@ -336,8 +340,7 @@ class FineMaskWidget(QScrollArea):
         store = self.store
 
         def job(on_progress, cancel):
-            on_progress(0, 1, "undoing")
-            return logic.undo_pair(store, pair_id)
+            return logic.undo_pair(store, pair_id, on_progress, cancel)
 
         def done(values: np.ndarray) -> None:
             if values.shape != labels.data.shape:
@@ -365,10 +368,6 @@ class FineMaskWidget(QScrollArea):
                                   cancel=cancel, **options)
 
         def done(result) -> None:
-            if not result.finished:
-                self.finetune_info.value = f"cancelled after {result.steps} steps; Start continues the run"
-                show_info("FineMask: fine-tuning cancelled; its state is kept")
-                return
             key = "segmenter" if combo is self.segmenter_choice else "refiner"
             self.refresh_models(**{key: str(result.model_path)})
             line = logic.evaluation_line(result.before, result.after)
@@ -442,8 +441,11 @@ class FineMaskWidget(QScrollArea):
 
     def _fail(self, kind: str, exc: BaseException) -> None:
         self.last_error = exc
-        self.job_message.value = f"{kind}: {'cancelled' if isinstance(exc, logic.JobCancelled) else 'failed'}"
-        if isinstance(exc, logic.JobCancelled):
+        self.job_message.value = f"{kind}: {'cancelled' if isinstance(exc, Cancelled) else 'failed'}"
+        if isinstance(exc, FinetuneCancelled):
+            self.finetune_info.value = f"cancelled after {exc.steps} steps; Start continues the run"
+            show_info("FineMask: fine-tuning cancelled; its state is kept")
+        elif isinstance(exc, Cancelled):
             show_info(f"FineMask: {kind} cancelled")
         elif isinstance(exc, FineMaskError):
             show_error(f"FineMask {kind}: {exc}")
@@ -478,6 +480,7 @@ class FineMaskWidget(QScrollArea):
 
     def _show_refinement(self, labels: Labels, image_layer: Image, result: logic.Refinement) -> None:
         info = dict(labels.metadata.get("finemask", {}))
+        info.pop("probs", None)  # the refined labels are no longer the segmentation the probabilities describe
         info.update(origin="refined", image_layer=image_layer.name)
         if "palette" not in info:  # a layer FineMask did not make: keep its own colours
             info["colormap"] = labels.colormap

@@ -1,22 +1,20 @@
-"""The web app's work, free of any UI library: open, segment, refine, correct, save, fine-tune.
+"""The web app's side of the workbench: server settings, one store, each browser session's work.
 
 :class:`Workbench` is created once per server. It holds the settings, the annotation store, the
-models (loaded once, cached) and a folder for files offered for download. Each browser session
-(or API call) has its own :class:`Work`: the image and its current labels. All model work goes
-through ``engine`` and ``training.finetune``; the Gradio layer (``server.py``) only converts
-values and shows messages.
+model catalog (``app.workbench.ModelCatalog``: models listed and loaded once, shared with napari's
+rules) and a folder for files offered for download. Each browser session (or API call) has its
+own :class:`Work`: the image and its current labels. The jobs themselves (segment, refine, apply
+an edit, save, undo, fine-tune) are ``app.workbench``'s, the same napari runs; this module keeps
+the per-session state they act on, and the Gradio layer (``server.py``) only converts values and
+shows messages.
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import shutil
 import tempfile
-import threading
-import time
 import uuid
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,16 +22,25 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from engine.checkpoints import ModelCard, available_models, read_card, resolve
+from app import workbench
+from app.workbench import (  # noqa: F401 - re-exported for the server and older callers
+    KEEP_PROBS_BYTES,
+    MIN_SIDE,
+    WORKING_SIZE_RANGE,
+    ModelCatalog,
+    ModelEntry,
+    inspect_header,
+)
 from engine.errors import FineMaskError
-from engine.io import IMAGE_SUFFIXES, image_shape, read_image, read_labels, write_labels
-from engine.refine_modes import mode_options
-from engine.store import PairRecord, Store, check_class_ids
+from engine.io import IMAGE_SUFFIXES, read_labels, write_labels
+from engine.store import PairRecord, Store
 
-from .editor import EditResult, apply_strokes, brush_colours, strokes_from_layers
+from .editor import EditResult, brush_colours, strokes_from_layers
 from .render import class_shares, fit_size
 
 if TYPE_CHECKING:
+    from engine.refine import Refiner
+    from engine.segment import Segmenter
     from training.finetune import FinetuneConfig, FinetuneResult
 
 ProgressFn = Callable[[int, int, str], None]
@@ -42,16 +49,9 @@ CancelFn = Callable[[], bool]
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
 SAMPLES_DIR = ASSETS / "samples"
 #: Pixel limit of the web app unless ``FINEMASK_MAX_PIXELS`` or ``--max-pixels`` says otherwise:
-#: 8192 x 8192; segmenting and refining one such image needs a few GB of memory.
+#: 8192 x 8192. Lower than the engine's default because one server's memory is shared by every
+#: user (napari opens what its user's own machine can hold).
 WEB_MAX_PIXELS = 8192 * 8192
-#: Smallest image side accepted: below it there is nothing to segment.
-MIN_SIDE = 8
-WORKING_SIZE_RANGE = (32, 4096)
-#: Class probabilities are kept between Segment and Refine only up to this size; bigger images
-#: refine without them (each class then competes against a fixed 0.5, as in CascadePSP).
-KEEP_PROBS_BYTES = 256 << 20
-#: Loaded models kept in memory (least recently used ones are dropped).
-MODEL_CACHE = 3
 
 
 def default_store_dir() -> Path:
@@ -79,13 +79,15 @@ def _default_finetune() -> FinetuneConfig:
 class WebConfig:
     """Settings of one web server (``python -m app.web --help`` sets most of them).
 
-    ``model``/``refiner``: default segmentation and refinement model (shipped name or folder).
-    ``max_pixels``: largest image accepted (None: ``$FINEMASK_MAX_PIXELS``, else ``WEB_MAX_PIXELS``).
-    ``max_file_size``: largest upload ("500mb", or bytes). ``concurrency``: model jobs (segment,
-    refine, edit, save, fine-tune) running at once over all users; the rest wait in a queue of at
-    most ``queue_size``. ``editor_max_side``: longest side of the image in the browser editor;
-    larger images are edited on a preview. ``display_max_side``: longest side of shown images.
-    ``finetune``: defaults of fine-tuning runs (the page sets the steps and the time budget).
+    ``model``/``refiner``: default segmentation and refinement model (shipped or installed name,
+    or folder; the refiner defaults to the official CascadePSP weights once installed, else
+    refine-light). ``max_pixels``: largest image accepted (None: ``$FINEMASK_MAX_PIXELS``, else
+    ``WEB_MAX_PIXELS``). ``max_file_size``: largest upload ("500mb", or bytes). ``concurrency``:
+    model jobs (segment, refine, edit, save, fine-tune) running at once over all users; the rest
+    wait in a queue of at most ``queue_size``. ``editor_max_side``: longest side of the image in
+    the browser editor; larger images are edited on a preview. ``display_max_side``: longest side
+    of shown images. ``finetune``: defaults of fine-tuning runs (the page sets the steps and the
+    time budget).
     """
 
     host: str = "127.0.0.1"
@@ -93,8 +95,8 @@ class WebConfig:
     share: bool = False
     auth: tuple[str, str] | None = None
     store: Path = field(default_factory=default_store_dir)
-    model: str | Path = "camvid"
-    refiner: str | Path = "refine-light"
+    model: str | Path = workbench.DEFAULT_SEGMENTER
+    refiner: str | Path = field(default_factory=workbench.default_refiner_name)
     max_pixels: int | None = None
     max_file_size: str | int = "500mb"
     concurrency: int = 1
@@ -113,98 +115,6 @@ class WebConfig:
 
 
 # --------------------------------------------------------------------------------------------
-# Models
-
-
-@dataclass(frozen=True)
-class ModelEntry:
-    """A model the page offers. ``key``: what the dropdown and the API call it; ``source``:
-    "shipped", "fine-tuned" (in the store's models folder) or "given" (a folder on the command line)."""
-
-    key: str
-    path: Path
-    card: ModelCard
-    source: str
-
-    @property
-    def label(self) -> str:
-        after = (self.card.metrics or {}).get("after") or {}
-        score = f", val. mIoU {after['miou']:.1f}" if self.card.task == "segmentation" and after.get("pairs") else ""
-        return f"{self.key} ({self.source}{score})"
-
-
-class ModelRegistry:
-    """Finds the models on offer (shipped, given, fine-tuned in the store) and loads them once."""
-
-    def __init__(self, store_root: Path, given: list[str | Path], device: str | None = None):
-        self.store_root = store_root
-        self.given = [g for g in given if g is not None]
-        self.device = device
-        self._cache: OrderedDict[tuple[str, str, float], Any] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def entries(self, task: str | None = None) -> list[ModelEntry]:
-        """Models on offer, for ``task`` ("segmentation", "refinement") or all; re-scanned each call."""
-        from training.finetune import list_versions
-
-        found: dict[str, ModelEntry] = {}
-
-        def offer(key: str, path: Path, card: ModelCard, source: str) -> None:
-            if task is not None and card.task != task:
-                return
-            base, n = key, 2
-            while key in found and found[key].path != path:
-                key, n = f"{base}-{n}", n + 1
-            found.setdefault(key, ModelEntry(key, path, card, source))
-
-        for name in self.given:
-            if isinstance(name, Path) or Path(str(name)).is_dir():
-                path = resolve(name).resolve()
-                offer(read_card(path).name or path.name, path, read_card(path), "given")
-        for name in available_models():
-            try:
-                path = resolve(name).resolve()
-                offer(name, path, read_card(path), "shipped")
-            except FineMaskError:
-                continue
-        for name, path, card in list_versions(self.store_root):
-            offer(name, path.resolve(), card, "fine-tuned")
-        return list(found.values())
-
-    def entry(self, key: str | None, task: str | None = None) -> ModelEntry:
-        entries = self.entries(task)
-        for e in entries:
-            if e.key == key:
-                return e
-        kind = f"{task} " if task else ""
-        names = ", ".join(e.key for e in entries) or "none"
-        raise FineMaskError(f"unknown {kind}model {key!r} (available: {names})")
-
-    def load(self, entry: ModelEntry) -> Any:
-        """The loaded model (Segmenter or Refiner), from the cache when already loaded."""
-        weights = entry.path / "model.safetensors"
-        cache_key = (entry.card.task, str(entry.path), weights.stat().st_mtime)
-        with self._lock:
-            if cache_key in self._cache:
-                self._cache.move_to_end(cache_key)
-                return self._cache[cache_key]
-            if entry.card.task == "segmentation":
-                from engine.segment import Segmenter
-
-                model = Segmenter.from_pretrained(entry.path, device=self.device)
-            elif entry.card.task == "refinement":
-                from engine.refine import Refiner
-
-                model = Refiner.from_pretrained(entry.path, device=self.device)
-            else:
-                raise FineMaskError(f"the web app cannot use a {entry.card.task!r} model", entry.path)
-            self._cache[cache_key] = model
-            while len(self._cache) > MODEL_CACHE:
-                self._cache.popitem(last=False)
-            return model
-
-
-# --------------------------------------------------------------------------------------------
 # One user's work
 
 
@@ -212,12 +122,13 @@ class ModelRegistry:
 class Work:
     """One image and what was done to it.
 
-    ``image``: (H, W, 3) uint8 for 8-bit files, uint16 for 16-bit ones, float32 otherwise (the
-    engine reads crops of it; keeping the file's bit depth saves memory). ``labels``: the current
-    class map (H, W), what Save stores. ``before``: labels before the last refinement (for the
-    before/after view). ``probs``: class probabilities (C, H, W) float16 while ``labels`` are the
-    untouched segmentation of a small enough image, else None. ``uncertainty``: (H, W) float16
-    in [0, 1]. ``origin``: store origin of ``labels`` ("predicted", "refined", "corrected").
+    ``image``: (H, W, 3) uint8 for 8-bit files, uint16 for 16-bit ones, float32 otherwise.
+    ``labels``: the current class map (H, W), what Save stores. ``before``: labels before the
+    last refinement, correction or undo (for the before/after view). ``probs``: class
+    probabilities (C, H, W) float16 while ``labels`` are the untouched segmentation of a small
+    enough image, else None. ``uncertainty``: (H, W) float16 in [0, 1]. ``origin``: store origin
+    of ``labels`` ("predicted", "refined", "corrected"). ``pair_id``: the store pair saved last
+    from this image (what Undo goes back on).
     """
 
     name: str
@@ -267,7 +178,8 @@ class Workbench:
 
     ``model``, ``refiner``, ``store`` override the config's (tests pass tiny models). The default
     segmentation model is loaded at once (an error if it cannot be); a missing refiner is
-    reported in ``refiner_problem`` and Refine then explains it.
+    reported in ``refiner_problem`` and Refine then explains it. Models are named by their
+    catalog key (never by a server path: clients must not make the server load other folders).
     """
 
     def __init__(self, config: WebConfig | None = None, *, model: str | Path | None = None,
@@ -280,30 +192,24 @@ class Workbench:
         if store is not None:
             config.store = store.root if isinstance(store, Store) else Path(store)
         self.store = store if isinstance(store, Store) else Store.open(Path(config.store).expanduser())
-        self.registry = ModelRegistry(self.store.root, [config.model, config.refiner], config.device)
-        self.default_model = self._key_of(config.model, "segmentation")
-        self.registry.load(self.registry.entry(self.default_model, "segmentation"))
+        self.catalog = ModelCatalog(self.store.root, [config.model, config.refiner], device=config.device)
+        self.default_model = self.catalog.find(config.model, "segmentation").key
+        self.catalog.load(self.catalog.entry(self.default_model, "segmentation"))
         self.default_refiner: str | None = None
         self.refiner_problem: str | None = None
         try:
-            self.default_refiner = self._key_of(config.refiner, "refinement")
-            self.registry.load(self.registry.entry(self.default_refiner, "refinement"))
+            self.default_refiner = self.catalog.find(config.refiner, "refinement").key
+            self.catalog.load(self.catalog.entry(self.default_refiner, "refinement"))
         except FineMaskError as exc:
             self.default_refiner = None
             self.refiner_problem = (f"no refinement model available: {exc}. Segmentation, correction and "
                                     "saving work without it.")
         self.outdir = Path(tempfile.mkdtemp(prefix="finemask-web-"))  # files offered for download
 
-    def _key_of(self, name_or_path: str | Path, task: str) -> str:
-        """The registry key of a configured model (a shipped name or a folder)."""
-        path = resolve(name_or_path).resolve()
-        card = read_card(path)
-        if card.task != task:
-            raise FineMaskError(f"this is a {card.task} model, not a {task} model", path)
-        for e in self.registry.entries(task):
-            if e.path == path:
-                return e.key
-        raise FineMaskError(f"model not found among the {task} models", path)  # pragma: no cover
+    @property
+    def registry(self) -> ModelCatalog:
+        """The model catalog (its former name)."""
+        return self.catalog
 
     def close(self) -> None:
         shutil.rmtree(self.outdir, ignore_errors=True)
@@ -312,92 +218,69 @@ class Workbench:
 
     def model_choices(self, task: str = "segmentation") -> list[tuple[str, str]]:
         """(label, key) pairs for a dropdown."""
-        return [(e.label, e.key) for e in self.registry.entries(task)]
+        return [(e.label, e.key) for e in self.catalog.entries(task)]
 
     def model_working_size(self, key: str | None) -> int:
         """The working size (longer side, px) a segmentation model was trained for."""
         try:
-            card = self.registry.entry(key or self.default_model, "segmentation").card
+            card = self.catalog.entry(key or self.default_model, "segmentation").card
         except FineMaskError:
             return 480
-        return int(max(card.input_size or [480, 360]))
+        return int(max(card.input_size or [480, 360])) if card is not None else 480
 
     def store_summary(self) -> str:
         train, val = len(self.store.pairs("train")), len(self.store.pairs("validation"))
         return f"Annotation store: {train} training and {val} validation pairs in `{self.store.root}`"
 
-    # ---------------------------------------------------------------- operations
+    def segmenter_for(self, key: str | None) -> Segmenter:
+        return self.catalog.load(self.catalog.entry(key or self.default_model, "segmentation"))
 
-    def open_image(self, path: str | Path, name: str | None = None) -> Work:
-        """Check and read an uploaded image file; problems are FineMaskErrors naming the file."""
-        path = Path(path)
-        shown = Path(name or path.name)
-        try:
-            H, W = image_shape(path, max_pixels=self.config.pixel_limit())
-            if min(H, W) < MIN_SIDE:
-                raise FineMaskError(f"image is only {W}x{H} pixels; FineMask needs at least {MIN_SIDE}x{MIN_SIDE}")
-            bits, notes = inspect_header(path)
-            image = read_image(path, max_pixels=self.config.pixel_limit())
-        except FineMaskError as exc:
-            # Name the file as the user knows it, not by the server's upload path.
-            raise FineMaskError(exc.problem, shown) from None
-        except Exception as exc:  # a header the engine accepted but Pillow/tifffile choke on
-            raise FineMaskError(f"cannot read the image: corrupt or unsupported file ({exc})", shown) from None
-        if bits == 8:
-            image = (image * 255.0 + 0.5).astype(np.uint8)
-        elif bits == 16:
-            image = (image * 65535.0 + 0.5).astype(np.uint16)
-        outdir = self.outdir / uuid.uuid4().hex[:12]
-        outdir.mkdir(parents=True, exist_ok=True)
-        return Work(name=shown.stem or "image", image=image, path=path, outdir=outdir, notes=notes)
-
-    def segment(self, work: Work, model: str | None = None, working_size: int | None = None,
-                on_progress: ProgressFn | None = None, cancel: CancelFn | None = None) -> Work:
-        """Segment ``work.image`` with a segmentation model; replaces the labels."""
-        entry = self.registry.entry(model or self.default_model, "segmentation")
-        size = int(working_size or self.model_working_size(entry.key))
-        lo, hi = WORKING_SIZE_RANGE
-        if not lo <= size <= hi:
-            raise FineMaskError(f"working size must lie in {lo}..{hi} pixels, got {size}")
-        segmenter = self.registry.load(entry)
-        t0 = time.perf_counter()
-        if on_progress:
-            on_progress(0, 1, f"segmenting with {entry.key}")
-        result = segmenter.predict_batch([work.image], size, on_progress=on_progress, cancel=cancel)[0]
-        work.seconds = {"segment": time.perf_counter() - t0}
-        work.labels = result.labels
-        work.before = None
-        work.probs = result.probs if result.probs.nbytes <= KEEP_PROBS_BYTES else None
-        work.uncertainty = result.uncertainty.astype(np.float16)
-        work.model_key = entry.key
-        work.classes, work.palette = segmenter.classes, segmenter.palette
-        work.working_size = result.working_size
-        work.origin = "predicted"
-        return work
-
-    def refiner_for(self, key: str | None):
+    def refiner_for(self, key: str | None) -> Refiner:
         """The Refiner for ``key`` (None: the default); a clear error when none is installed."""
         if not key:
             if self.default_refiner is None:
                 raise FineMaskError(self.refiner_problem or "no refinement model available")
             key = self.default_refiner
-        return self.registry.load(self.registry.entry(key, "refinement"))
+        return self.catalog.load(self.catalog.entry(key, "refinement"))
+
+    # ---------------------------------------------------------------- operations
+
+    def open_image(self, path: str | Path, name: str | None = None, on_progress: ProgressFn | None = None,
+                   cancel: CancelFn | None = None) -> Work:
+        """Check and read an uploaded image file; problems are FineMaskErrors naming the file."""
+        opened = workbench.open_image(path, max_pixels=self.config.pixel_limit(), name=name,
+                                      on_progress=on_progress, cancel=cancel)
+        outdir = self.outdir / uuid.uuid4().hex[:12]
+        outdir.mkdir(parents=True, exist_ok=True)
+        return Work(name=opened.name, image=opened.image, path=opened.path, outdir=outdir, notes=opened.notes)
+
+    def segment(self, work: Work, model: str | None = None, working_size: int | None = None,
+                on_progress: ProgressFn | None = None, cancel: CancelFn | None = None) -> Work:
+        """Segment ``work.image`` with a segmentation model; replaces the labels."""
+        entry = self.catalog.entry(model or self.default_model, "segmentation")
+        seg = workbench.segment(self.catalog.load(entry), work.image, working_size, on_progress=on_progress,
+                                cancel=cancel)
+        work.seconds = dict(seg.seconds)
+        work.labels, work.before, work.probs = seg.labels, None, seg.probs
+        work.uncertainty = seg.uncertainty.astype(np.float16)  # half the memory of float32, for display only
+        work.model_key = entry.key
+        work.classes, work.palette = seg.classes, seg.palette
+        work.working_size = seg.working_size
+        work.origin = "predicted"
+        return work
 
     def refine(self, work: Work, refiner: str | None = None, mode: str = "fast",
                on_progress: ProgressFn | None = None, cancel: CancelFn | None = None) -> Work:
         """Refine the current labels at full resolution (``mode``: see ``engine.refine_modes``)."""
         if work.labels is None:
             raise FineMaskError("nothing to refine yet: segment the image (or load labels) first")
-        options = mode_options(mode)
         model = self.refiner_for(refiner)
-        t0 = time.perf_counter()
-        labels, confidence = model.refine_labels(work.image, work.labels, work.probs, **options,
-                                                 on_progress=on_progress, cancel=cancel, return_confidence=True)
-        work.seconds["refine"] = time.perf_counter() - t0
-        work.before = work.labels
-        work.labels = labels
-        work.probs = None
-        work.uncertainty = (1.0 - confidence).astype(np.float16)
+        # The web page shows the refined uncertainty map; napari shows it for segmentations only.
+        result = workbench.refine(model, work.image, work.labels, work.probs, mode=mode, uncertainty=True,
+                                  on_progress=on_progress, cancel=cancel)
+        work.seconds["refine"] = result.seconds["refine"]
+        work.before, work.labels, work.probs = work.labels, result.labels, None
+        work.uncertainty = result.uncertainty.astype(np.float16)
         work.origin = "corrected" if work.origin == "corrected" else "refined"
         return work
 
@@ -406,11 +289,13 @@ class Workbench:
 
         Class names and colours come from ``model`` (default: the default segmentation model).
         """
-        entry = self.registry.entry(model or self.default_model, "segmentation")
+        entry = self.catalog.entry(model or self.default_model, "segmentation")
         labels = read_labels(labels_path, shape=work.shape, max_pixels=self.config.pixel_limit())
         work.labels, work.before, work.probs, work.uncertainty = labels, None, None, None
         work.model_key = entry.key
-        work.classes, work.palette = list(entry.card.classes), [list(c) for c in entry.card.palette]
+        card = entry.card
+        work.classes = list(card.classes) if card is not None else []
+        work.palette = [list(c) for c in card.palette] if card is not None else []
         work.origin = "corrected"
         return work
 
@@ -430,47 +315,40 @@ class Workbench:
         refiner = None
         if strokes.shape != work.shape and self.default_refiner is not None:
             refiner = self.refiner_for(None)
-        result = apply_strokes(work.labels, strokes, work.image, refiner, on_progress=on_progress, cancel=cancel)
+        result = workbench.apply_edit(work.labels, strokes, work.image, refiner, on_progress=on_progress,
+                                      cancel=cancel)
         if result.changed:
             work.before, work.labels = work.labels, result.labels
             work.probs = None
             work.origin = "corrected"
         return result
 
-    def save(self, work: Work) -> PairRecord:
+    def save(self, work: Work, on_progress: ProgressFn | None = None, cancel: CancelFn | None = None) -> PairRecord:
         """Add the image and its current labels to the store, or update the pair saved before."""
         if work.labels is None:
             raise FineMaskError("nothing to save yet: segment the image first")
-        store = self.store
-        if store.class_names is None and work.classes:
-            # Check before naming the store's classes, so refused labels leave the store untouched.
-            present = np.flatnonzero(np.bincount(work.labels.reshape(-1)))
-            check_class_ids(present, work.classes, work.path if work.path is not None else Path(work.name))
-            store.set_class_names(work.classes)
-        pair_id = work.pair_id if work.pair_id in store else self._pair_of_same_image(work)
-        origin = work.origin or "corrected"
-        if pair_id is not None:
-            record = store.update(pair_id, work.labels, origin=origin, model_version=work.model_key)
-        else:
-            # The uploaded file's bytes are kept as they are (its name, as uploaded, names the pair).
-            source: Any = work.path if work.path is not None and work.path.is_file() else work.image
-            pair_id = store.add(source, work.labels, origin, model_version=work.model_key)
-            record = store.get(pair_id)
-        work.pair_id = record.id
-        return record
+        # The uploaded file's bytes are kept as they are (its name, as uploaded, names the pair).
+        outcome = workbench.save_to_store(self.store, work.image, work.labels, work.classes, pair_id=work.pair_id,
+                                          image_file=work.path, origin=work.origin or "corrected",
+                                          model_version=work.model_key, name=work.name, on_progress=on_progress,
+                                          cancel=cancel)
+        work.pair_id = outcome.pair_id
+        return outcome.record
 
-    def _pair_of_same_image(self, work: Work) -> str | None:
-        if work.path is None or not work.path.is_file():
-            return None
-        digest = hashlib.sha256()
-        with open(work.path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-        sha = digest.hexdigest()
-        for rec in self.store.pairs():
-            if rec.image_sha256 == sha:
-                return rec.id
-        return None
+    def undo(self, work: Work, on_progress: ProgressFn | None = None, cancel: CancelFn | None = None) -> PairRecord:
+        """Undo the last save of this image: the store pair and the labels go back one version."""
+        outcome = workbench.undo_last_save(self.store, work.pair_id, on_progress=on_progress, cancel=cancel)
+        labels = outcome.labels
+        if work.labels is not None and labels.size and int(labels.max()) <= np.iinfo(work.labels.dtype).max:
+            labels = labels.astype(work.labels.dtype, copy=False)
+        work.before, work.labels, work.probs, work.uncertainty = work.labels, labels, None, None
+        work.origin = outcome.record.origin
+        return outcome.record
+
+    def undo_pair(self, pair_id: str, on_progress: ProgressFn | None = None,
+                  cancel: CancelFn | None = None) -> PairRecord:
+        """Undo the last save of the store pair ``pair_id`` (the API's ``/undo``)."""
+        return workbench.undo_last_save(self.store, pair_id, on_progress=on_progress, cancel=cancel).record
 
     def export(self, work: Work) -> list[Path]:
         """Write the current labels as TIFF (and palette PNG when ids fit in 8 bits) for download."""
@@ -484,59 +362,18 @@ class Workbench:
 
     def finetune(self, base: str | None, steps: int | None = None, minutes: float | None = None,
                  on_progress: ProgressFn | None = None, cancel: CancelFn | None = None) -> FinetuneResult:
-        """Fine-tune ``base`` (any model key) on the store (the step budget and minutes override
-        the config's); a cancelled run returns ``finished=False`` and resumes when started again."""
-        from training.finetune import finetune
-
-        entry = self.registry.entry(base or self.default_model)
-        cfg = dataclasses.replace(self.config.finetune)
-        if steps is not None:
-            if int(steps) < 1:
-                raise FineMaskError(f"the step budget must be at least 1, got {steps}")
-            cfg.steps = int(steps)
-        if minutes:
-            cfg.time_budget_s = float(minutes) * 60.0
-        return finetune(self.store, entry.path, cfg, on_progress=on_progress, cancel=cancel)
-
-
-def inspect_header(path: Path) -> tuple[int, list[str]]:
-    """Bit depth (8, 16 or 32) of an image file and notes for the user about its layout."""
-    import tifffile
-    from PIL import Image
-
-    notes: list[str] = []
-    if path.suffix.lower() in (".tif", ".tiff"):
-        with tifffile.TiffFile(path) as tif:
-            page = tif.pages[0]
-            dtype, shape = np.dtype(page.dtype), tuple(page.shape)
-            channels = shape[-1] if len(shape) == 3 and shape[-1] <= 4 else (shape[0] if len(shape) == 3 else 1)
-            if len(tif.pages) > 1:
-                notes.append("multi-page TIFF: only the first page is used")
-        bits = 8 if dtype == np.uint8 else 16 if dtype == np.uint16 else 32
-        alpha = channels in (2, 4)
-        gray = channels in (1, 2)
-    else:
-        with Image.open(path) as img:
-            mode = img.mode
-            alpha = mode in ("RGBA", "LA", "PA") or "transparency" in img.info
-            bits = 16 if mode.startswith("I;16") else 8
-            gray = mode in ("L", "LA", "1") or mode.startswith("I;16")
-    if bits == 16:
-        notes.append("16-bit image: analysed at full precision; shown contrast-stretched to 8 bits")
-    elif bits == 32:
-        notes.append("floating-point image: values are used as they are (expected in 0..1)")
-    if alpha:
-        notes.append("transparency (alpha channel) is ignored: the image is analysed as RGB")
-    if gray:
-        notes.append("grey-scale image: analysed as RGB with three equal channels")
-    return bits, notes
+        """Fine-tune ``base`` (any model key) on the store (the step budget and minutes override the
+        config's); a cancelled run raises ``workbench.FinetuneCancelled`` and resumes when started again."""
+        entry = self.catalog.entry(base or self.default_model)
+        return workbench.finetune(self.store, entry.path or entry.source, self.config.finetune, steps=steps,
+                                  time_budget_s=float(minutes) * 60.0 if minutes else None,
+                                  on_progress=on_progress, cancel=cancel)
 
 
 __all__ = [
     "MIN_SIDE",
     "WEB_MAX_PIXELS",
     "ModelEntry",
-    "ModelRegistry",
     "WebConfig",
     "Work",
     "Workbench",

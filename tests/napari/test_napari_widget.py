@@ -244,7 +244,7 @@ def test_event_loop_runs_during_a_long_job_and_cancel_stops_it(make_napari_viewe
         qtbot.waitUntil(lambda: not widget.busy, timeout=10_000)
     finally:
         timer.stop()
-    assert isinstance(widget.last_error, logic.JobCancelled)
+    assert isinstance(widget.last_error, Cancelled)
     assert any("segmentation cancelled" in n.message for n in notifications)
     assert [layer.name for layer in viewer.layers] == ["scene"]  # nothing added
     assert widget.segment_button.enabled
