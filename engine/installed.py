@@ -208,7 +208,8 @@ def get(name: str, *, on_progress: ProgressFn | None = None, cancel: CancelFn | 
             raise Cancelled()
         if on_progress:
             on_progress(0, 1, f"converting {name}")
-        _install_file(file, name, entry.kind, work, source=entry.description, url=entry.url, hashes=hashes)
+        _install_file(file, name, entry.kind, work, source=entry.description, url=entry.url, hashes=hashes,
+                      architecture=entry.architecture)
         if on_progress:
             on_progress(1, 1, f"installed {name}")
     return target
@@ -228,18 +229,18 @@ def _download(entry: RemoteModel, url: str, work: Path, on_progress: ProgressFn 
     bar = _ProgressBar(entry.name, on_progress, cancel)
     downloader = pooch.HTTPDownloader(progressbar=bar, chunk_size=1 << 20,
                                       timeout=(CONNECT_TIMEOUT, READ_TIMEOUT))
-    by_hand = (f"Download {entry.url} with a browser (or on a machine with internet) and install it with "
-               f"`finemask models add FILE`; nothing was installed")
+    by_hand = _by_hand(entry)
     logger = pooch.get_logger()
     level = logger.level
     logger.setLevel(logging.WARNING)  # pooch logs every download at INFO; the caller shows progress
     try:
-        return Path(pooch.retrieve(url, known_hash=known, fname=entry.filename, path=work, downloader=downloader))
+        return Path(pooch.retrieve(url, known_hash=known, fname=entry.filename, path=work / "download",
+                                   downloader=downloader))
     except requests.exceptions.HTTPError as exc:
         raise FineMaskError(f"the server answered {exc.response.status_code} for {url}. {by_hand}") from None
     except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
-        raise FineMaskError(f"cannot download {entry.name}: {url} is unreachable (offline? "
-                            f"{type(exc).__name__}). {by_hand}") from None
+        raise FineMaskError(f"cannot download {entry.name}: {url} is unreachable or stopped answering "
+                            f"(offline? {type(exc).__name__}). {by_hand}") from None
     except requests.exceptions.RequestException as exc:
         raise FineMaskError(f"the download of {url} broke off ({type(exc).__name__}: {exc}). {by_hand}") from None
     except ValueError as exc:  # pooch: the hash does not match
@@ -278,8 +279,13 @@ def _verify(path: Path, entry: RemoteModel, url: str) -> dict[str, str]:
     for algo, want in (("md5", entry.md5), ("sha256", entry.sha256)):
         if want and not hashes[algo].startswith(want.lower()):
             raise FineMaskError(f"the file downloaded from {url} has {algo.upper()} {hashes[algo]}, expected "
-                                f"{want}: a broken transfer or a changed file; nothing was installed")
+                                f"{want}: a broken transfer or a changed file. {_by_hand(entry)}")
     return hashes
+
+
+def _by_hand(entry: RemoteModel) -> str:
+    return (f"Download {entry.url} with a browser (or on a machine with internet) and install it with "
+            "`finemask models add FILE`; nothing was installed")
 
 
 def file_hashes(path: str | Path) -> dict[str, str]:
@@ -344,7 +350,7 @@ def _add_folder(src: Path, name: str | None) -> Path:
                             "with --name", src)
     _check_new_name(name)
     with _work_dir() as work:
-        staging = work / "folder"
+        staging = work / "staging"
         staging.mkdir()
         for file in (CARD_FILE, WEIGHTS_FILE):  # only what a model folder is: no stray files
             shutil.copy2(src / file, staging / file)
@@ -371,8 +377,12 @@ def remove(name: str) -> None:
 
 
 def _install_file(file: Path, name: str, kind: str, work: Path, *, source: str, url: str | None,
-                  hashes: Mapping[str, str], state: Mapping[str, Any] | None = None) -> None:
-    """Convert ``file`` and rename the result into ``models_dir()/name`` (one atomic step)."""
+                  hashes: Mapping[str, str], state: Mapping[str, Any] | None = None,
+                  architecture: str | None = None) -> None:
+    """Convert ``file`` and rename the result into ``models_dir()/name`` (one atomic step).
+
+    ``architecture``: what the file must be (a registry entry's), else whatever it is.
+    """
     provenance = {"source": source, "file": file.name, "md5": hashes["md5"], "sha256": hashes["sha256"]}
     if url:
         provenance["url"] = url
@@ -387,18 +397,25 @@ def _install_file(file: Path, name: str, kind: str, work: Path, *, source: str, 
                                 "installed", url or file) from None
         # The SHA-256 is recorded on first install (trust on first use when none is published).
         refiner.card.training = {**refiner.card.training, **provenance}
-        staging = work / "model"
+        staging = work / "staging"
         save_checkpoint(staging, refiner.model.state_dict(), refiner.card)
     else:
-        staging = work / "encoder"
-        _write_encoder(state if state is not None else _load_state_dict(file), file, staging, name, provenance)
+        staging = work / "staging"
+        try:
+            raw = state if state is not None else _load_state_dict(file)
+            _write_encoder(raw, file, staging, name, provenance, architecture)
+        except FineMaskError as exc:
+            raise FineMaskError(f"not usable ResNet encoder weights ({exc.problem}); nothing was installed",
+                                url or file) from None
     _move_into_place(staging, name)
 
 
 def _write_encoder(raw: Mapping[str, Any], file: Path, staging: Path, name: str,
-                   provenance: Mapping[str, str]) -> None:
+                   provenance: Mapping[str, str], architecture: str | None = None) -> None:
     """Check a torchvision ResNet state dict against our encoder, then keep the file unchanged."""
-    _, arch = _detect(raw, file)
+    kind, arch = _detect(raw, file)
+    if kind != "encoder" or (architecture is not None and arch != architecture):
+        raise FineMaskError(f"a {arch} state dict, not {architecture or 'a ResNet'}", file)
     _encoder_state(raw, int(arch[len("resnet"):]), file)
     staging.mkdir()
     shutil.copyfile(file, staging / ENCODER_WEIGHTS)

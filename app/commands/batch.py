@@ -11,8 +11,6 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-DEFAULT_REFINER = "refine-light"
-
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("batch", help="segment (and refine) every image in a folder on a Dask cluster")
@@ -21,7 +19,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="camvid", help="segmentation model: shipped name or checkpoint folder")
     p.add_argument("--working-size", type=int, default=None, help="longer side fed to the segmenter")
     p.add_argument("--refine", action="store_true", help="refine the labels at full resolution")
-    p.add_argument("--refiner", default=DEFAULT_REFINER, help="refinement model name or folder")
+    p.add_argument("--refiner", default=None,
+                   help="refinement model name or folder (default: cascadepsp once installed, else refine-light)")
     steps = p.add_mutually_exclusive_group()
     steps.add_argument("--fast", action="store_true", help="with --refine: global step only")
     steps.add_argument("--skip-global", action="store_true",
@@ -46,9 +45,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from engine.batch import BatchConfig, run_batch
+    from engine.installed import default_refiner
 
     huge = {} if args.huge_pixels is None else {"huge_pixels": args.huge_pixels}
-    config = BatchConfig(model=args.model, refiner=args.refiner if args.refine else None, fast=args.fast,
+    refiner = (args.refiner or default_refiner()) if args.refine else None
+    config = BatchConfig(model=args.model, refiner=refiner, fast=args.fast,
                          skip_global=args.skip_global, L=args.L, working_size=args.working_size,
                          selection=args.tiles, tile_batch=args.tile_batch, device=args.device, **huge)
     with tqdm(total=0, desc="batch", unit="image", dynamic_ncols=True) as bar:

@@ -19,13 +19,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("image", type=Path, nargs="?", default=SAMPLE, help="image (default: the bundled sample)")
     p.add_argument("-o", "--output", type=Path, default=Path("finemask-demo"), help="output folder")
     p.add_argument("--model", default="camvid")
-    p.add_argument("--refiner", default="refine-light")
+    p.add_argument("--refiner", default=None,
+                   help="refinement model (default: cascadepsp once installed, else refine-light)")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from engine.installed import default_refiner
     from engine.segment import Segmenter
 
+    args.refiner = args.refiner or default_refiner()
     image = read_image(args.image)
     print(f"image: {args.image} ({image.shape[1]}x{image.shape[0]})")
     segmenter = Segmenter.from_pretrained(args.model)

@@ -21,7 +21,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     seg.set_defaults(run=run_seg)
 
     ref = jobs.add_parser("refine", help="refinement IoU and mBA before/after, per class, at full resolution")
-    ref.add_argument("--model", default="refine-light", help="refinement model name or folder")
+    ref.add_argument("--model", default=None, help="refinement model name or folder (default: cascadepsp once "
+                                                   "installed, else refine-light)")
     ref.add_argument("--data", default="idrid")
     ref.add_argument("--split", default="val", help="idrid val = IDRiD_45..54, kept out of training")
     ref.add_argument("--images", type=int, default=None, help="only the first N images of the split")
@@ -38,7 +39,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     crops = jobs.add_parser("refine-crops", help="refinement IoU and mBA on perturbed 224x224 crops (its training "
                                                   "task), per source: tracks a training run")
-    crops.add_argument("--model", default="refine-light", help="refinement model name or folder")
+    crops.add_argument("--model", default=None, help="refinement model name or folder (default: cascadepsp once "
+                                                     "installed, else refine-light)")
     crops.add_argument("--sources", nargs="+", default=None,
                        help="crop sources (default: those training uses: camvid dubai isbi2012 idrid composites)")
     crops.add_argument("--split", default="val", help="split the crops come from (composites: its pictures)")
@@ -87,8 +89,10 @@ def run_refine(args: argparse.Namespace) -> int:
     from engine.refine import Refiner
     from engine.segment import Segmenter
     from training.data.registry import load_dataset
+    from engine.installed import default_refiner
     from training.evaluate import evaluate_refiner
 
+    args.model = args.model or default_refiner()
     refiner = Refiner.from_pretrained(args.model, num_threads=args.threads)
     segmenter = Segmenter.from_pretrained(args.segmenter) if args.segmenter else None
     data = load_dataset(args.data, args.split)
@@ -119,8 +123,10 @@ def run_refine(args: argparse.Namespace) -> int:
 def run_refine_crops(args: argparse.Namespace) -> int:
     from engine.refine import Refiner
     from training.data.refine_crops import REFINE_SOURCES, RefineCropConfig, build_refine_crops
+    from engine.installed import default_refiner
     from training.evaluate import evaluate_refiner_crops
 
+    args.model = args.model or default_refiner()
     if args.threads:
         import torch
 

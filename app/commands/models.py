@@ -42,13 +42,12 @@ def run_get(args: argparse.Namespace) -> int:
         return 0
     with tqdm(total=0, desc=args.name, unit="B", unit_scale=True, unit_divisor=1024, leave=False) as bar:
         def on_progress(done: int, total: int, message: str) -> None:
-            if message.startswith("downloading"):
-                if bar.total != total:
-                    bar.reset(total=total or None)
-                bar.n = done
-            else:
+            if not message.startswith("downloading"):
                 bar.set_description_str(message)
-            bar.refresh()
+                return
+            if bar.total != total:
+                bar.reset(total=total or None)
+            bar.update(done - bar.n)  # tqdm redraws at most 10 times a second
 
         folder = installed.get(args.name, on_progress=on_progress)
     print(f"installed {args.name} in {folder}")
@@ -95,7 +94,7 @@ def run_list(args: argparse.Namespace) -> int:
         _row(entry.name + (" (installed)" if entry.name in have else ""), entry.kind, entry.description)
     if args.store is not None:
         from engine.errors import FineMaskError
-        from training.finetune import list_versions
+        from engine.versions import list_versions
 
         if not args.store.is_dir():
             raise FineMaskError("no such annotation store folder", args.store)

@@ -14,17 +14,16 @@ from tqdm import tqdm
 
 from engine.errors import FineMaskError
 
-DEFAULT_REFINER = "refine-light"
-
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("refine", help="refine a coarse mask or label map at full resolution (CascadePSP)")
     p.add_argument("image", type=Path, help="image file (TIFF, PNG, JPEG)")
     p.add_argument("mask", type=Path, help="coarse mask (0/255 or 0/1) or label map (.png, .tif)")
     p.add_argument("-o", "--output", type=Path, required=True, help="output .png or .tif")
-    p.add_argument("--model", default=DEFAULT_REFINER,
-                   help="refinement model: shipped name, checkpoint folder, or the official CascadePSP "
-                        f"weights file (.pth / 'model'); default {DEFAULT_REFINER}")
+    p.add_argument("--model", default=None,
+                   help="refinement model: shipped or installed name, checkpoint folder, or the official "
+                        "CascadePSP weights file (.pth / 'model'); default: cascadepsp once installed "
+                        "(`finemask models get cascadepsp`), else refine-light")
     steps = p.add_mutually_exclusive_group()
     steps.add_argument("--fast", action="store_true", help="global step only (quicker, coarser boundaries)")
     steps.add_argument("--skip-global", action="store_true",
@@ -58,7 +57,9 @@ def run(args: argparse.Namespace) -> int:
         raise FineMaskError("output must end in .png, .tif or .tiff", args.output)
     image = read_image(args.image)
     labels = read_labels(args.mask, shape=image.shape[:2])
-    refiner = load_refiner(args.model, args.device, args.threads)
+    from engine.installed import default_refiner
+
+    refiner = load_refiner(args.model or default_refiner(), args.device, args.threads)
     values = np.flatnonzero(np.bincount(labels.reshape(-1)))
     binary = set(values.tolist()) <= {0, 255} or set(values.tolist()) <= {0, 1}
 

@@ -18,7 +18,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="camvid", help="shipped model name or checkpoint folder")
     p.add_argument("--working-size", type=int, default=None, help="longer side fed to the model")
     p.add_argument("--refine", action="store_true", help="refine the labels at full resolution")
-    p.add_argument("--refiner", default="refine-light", help="refinement model name or folder")
+    p.add_argument("--refiner", default=None,
+                   help="refinement model name or folder (default: cascadepsp once installed, else refine-light)")
     steps = p.add_mutually_exclusive_group()
     steps.add_argument("--fast", action="store_true", help="with --refine: global step only")
     steps.add_argument("--skip-global", action="store_true",
@@ -33,9 +34,10 @@ def run(args: argparse.Namespace) -> int:
     segmenter = Segmenter.from_pretrained(args.model)
     refiner = None
     if args.refine:
+        from engine.installed import default_refiner
         from engine.refine import Refiner
 
-        refiner = Refiner.from_pretrained(args.refiner)
+        refiner = Refiner.from_pretrained(args.refiner or default_refiner())
     failed = 0
     for src, dst in tqdm(jobs, desc="segment", unit="image", disable=len(jobs) == 1):
         try:

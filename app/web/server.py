@@ -33,6 +33,7 @@ import gradio as gr
 import numpy as np
 
 from engine.errors import Cancelled, FineMaskError
+from engine.installed import default_refiner
 from engine.refine_modes import MODE_HELP, REFINE_MODES
 
 from .editor import css_colour
@@ -549,7 +550,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="require this login (or set $FINEMASK_WEB_AUTH, which other users cannot see in ps)")
     p.add_argument("--store", type=Path, default=None, help="annotation store folder (default: in the user data folder)")
     p.add_argument("--model", default="camvid", help="default segmentation model: shipped name or folder (camvid)")
-    p.add_argument("--refiner", default="refine-light", help="default refinement model (refine-light)")
+    p.add_argument("--refiner", default=default_refiner(), help="default refiner (cascadepsp if installed)")
     p.add_argument("--max-pixels", type=int, default=None,
                    help=f"largest image in pixels (default $FINEMASK_MAX_PIXELS or {8192 * 8192:,})")
     p.add_argument("--max-file-size", default="500mb", help="largest upload, e.g. 500mb (default)")
