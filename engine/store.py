@@ -15,6 +15,13 @@ complete new one. A crash before the manifest rename leaves only unreferenced fi
 it leaves only files that were to be deleted. Both are reported as ``"orphan"`` problems, ignored,
 and removed by :meth:`Store.clean`. Files the manifest names but that are missing or whose
 SHA-256 does not match are reported too, and their pairs are left out of :meth:`Store.pairs`.
+A new store is built in a hidden sibling folder and renamed into place once its manifest is
+written, so a failed creation leaves nothing.
+
+Untrusted manifest. The manifest is checked field by field on every read
+(``engine.store_manifest``: one error naming ``manifest.json`` and the field). A path it names
+must lie, symlinks resolved, inside the store's ``images/`` or ``labels/`` folder; otherwise the
+pair is reported as an ``"outside"`` problem and the store never reads, changes or deletes it.
 
 Concurrency. Every change takes the store's lock file, re-reads the manifest under it, changes
 it and writes it back, so two processes (say the napari plugin and the web app) never lose each
@@ -30,6 +37,8 @@ import hashlib
 import json
 import os
 import re
+import shutil
+import tempfile
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -43,27 +52,25 @@ from .atomic import atomic_path, atomic_write_text
 from .errors import FineMaskError
 from .filelock import FileLock
 from .io import image_from_array, labels_from_array, read_image, read_labels, write_image, write_labels
+from .store_manifest import (
+    DEFAULT_HISTORY_LIMIT,
+    FORMAT,
+    FORMAT_VERSION,
+    ORIGINS,
+    SPLITS,
+    VALIDATION_FRACTION,
+    parse_manifest,
+)
 
 MANIFEST = "manifest.json"
 LOCK_FILE = ".lock"
 IMAGES_DIR = "images"
 LABELS_DIR = "labels"
-FORMAT = "finemask-store"
-FORMAT_VERSION = 1
-ORIGINS = ("predicted", "refined", "corrected")
-SPLITS = ("train", "validation")
-DEFAULT_HISTORY_LIMIT = 10
 #: Label value of pixels nobody labelled; a store accepts it whatever its class names.
 UNLABELLED = 255
-#: Share of pairs whose image hash puts them in validation.
-VALIDATION_FRACTION = 0.2
 #: From this many pairs on, at least one pair is in validation.
 MIN_PAIRS_FOR_VALIDATION = 5
 _CHUNK = 1 << 20
-_RECORD_KEYS = (
-    "id", "image", "image_sha256", "image_bytes", "labels", "labels_sha256", "labels_bytes", "shape",
-    "classes", "origin", "model_version", "created", "updated", "split", "history", "next_version",
-)
 
 
 @dataclass(frozen=True)
@@ -107,7 +114,9 @@ class StoreProblem:
     """A file the store cannot use.
 
     ``kind``: ``"orphan"`` (a file no manifest entry names: left by a crash, ignored),
-    ``"missing"`` (named but absent) or ``"altered"`` (size or SHA-256 differs from the manifest).
+    ``"missing"`` (named but absent), ``"altered"`` (size or SHA-256 differs from the manifest) or
+    ``"outside"`` (the manifest names a path that, symlinks resolved, is not in the store's
+    ``images/`` or ``labels/`` folder: the pair is never read, changed or deleted).
     """
 
     kind: str
@@ -194,14 +203,7 @@ class Store:
         if not store.manifest_path.exists():
             if not create:
                 raise FineMaskError(f"not a FineMask annotation store (no {MANIFEST})", root)
-            try:
-                for sub in (IMAGES_DIR, LABELS_DIR):
-                    (root / sub).mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise FineMaskError(f"cannot create the store folder ({exc.strerror})", root) from None
-            with store._lock:
-                if not store.manifest_path.exists():
-                    store._write_manifest(_empty_manifest(history_limit))
+            _create_store(root, history_limit, store._lock)
         elif history_limit is not None:
             with store._lock:
                 manifest = store._read_manifest()
@@ -413,8 +415,13 @@ class Store:
         with self._locked():
             manifest = self._read_manifest()
             entry = self._find(manifest, pair_id)
+            self._refuse_outside(entry)
             check_class_ids(classes, manifest["settings"].get("class_names"), _labels_source(labels, rec.image_path))
-            labels_rel = _labels_name(pair_id, entry["next_version"])
+            version = entry["next_version"]
+            named = {entry["labels"], *(v["labels"] for v in entry["history"])}
+            while _labels_name(pair_id, version) in named:
+                version += 1  # a hand-edited next_version never overwrites a stored version
+            labels_rel = _labels_name(pair_id, version)
             labels_path = self.root / labels_rel
             try:
                 write_labels(labels_path, label_array)
@@ -430,7 +437,7 @@ class Store:
                     model_version=model_version,
                     updated=_now(),
                     history=history[:limit],
-                    next_version=entry["next_version"] + 1,
+                    next_version=version + 1,
                 )
                 self._write_manifest(manifest)
             except BaseException:
@@ -444,6 +451,7 @@ class Store:
         with self._locked():
             manifest = self._read_manifest()
             entry = self._find(manifest, pair_id)
+            self._refuse_outside(entry)
             if not entry["history"]:
                 raise FineMaskError(f"pair {pair_id!r} has no earlier labels version to go back to", self.manifest_path)
             previous = entry["history"][0]
@@ -491,26 +499,15 @@ class Store:
                 self._manifest_key = None  # whatever happened, re-read on the next access
 
     def _read_manifest(self) -> dict[str, Any]:
+        """The manifest, checked field by field (``engine.store_manifest``)."""
         path = self.manifest_path
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
             raise FineMaskError(f"not a FineMask annotation store (no {MANIFEST})", self.root) from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise FineMaskError(f"store manifest is not readable JSON ({exc})", path) from None
-        if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("pairs"), list):
-            raise FineMaskError("not a FineMask store manifest", path)
-        if int(data.get("format_version", 0)) > FORMAT_VERSION:
-            raise FineMaskError("the store was written by a newer FineMask; please upgrade", path)
-        settings = data.setdefault("settings", {})
-        settings.setdefault("history_limit", DEFAULT_HISTORY_LIMIT)
-        settings.setdefault("validation_fraction", VALIDATION_FRACTION)
-        for rec in data["pairs"]:
-            missing = [k for k in _RECORD_KEYS if not isinstance(rec, dict) or k not in rec]
-            if missing:
-                rid = rec.get("id", "?") if isinstance(rec, dict) else "?"
-                raise FineMaskError(f"pair {rid!r} lacks the field(s) {', '.join(missing)}", path)
-        return data
+        except (OSError, UnicodeDecodeError) as exc:
+            raise FineMaskError(f"store manifest is not readable ({exc})", path) from None
+        return parse_manifest(text, path)
 
     def _write_manifest(self, manifest: dict[str, Any]) -> None:
         atomic_write_text(self.manifest_path, json.dumps(manifest, indent=1) + "\n")
@@ -539,15 +536,22 @@ class Store:
             if not pair_still_usable:
                 bad.setdefault(pair_id, f"{path}: {message}")
 
+        real_root = self.root.resolve()
         for rec in manifest["pairs"]:
             rid = rec["id"]
-            files = [(rec["image"], rec["image_sha256"], rec["image_bytes"], full, False)]
-            files.append((rec["labels"], rec["labels_sha256"], rec.get("labels_bytes"), True, False))
-            files += [(v["labels"], v["labels_sha256"], v.get("labels_bytes"), full, True) for v in rec["history"]]
-            for rel, sha, size, hash_it, earlier in files:
-                path = self.root / rel
-                referenced.add(path)
+            files = [(rec["image"], IMAGES_DIR, rec["image_sha256"], rec["image_bytes"], full, False)]
+            files.append((rec["labels"], LABELS_DIR, rec["labels_sha256"], rec.get("labels_bytes"), True, False))
+            files += [(v["labels"], LABELS_DIR, v["labels_sha256"], v.get("labels_bytes"), full, True)
+                      for v in rec["history"]]
+            for rel, sub, sha, size, hash_it, earlier in files:
                 what = "earlier labels version" if earlier else "file"
+                path = self._inside(rel, sub, real_root)
+                if path is None:  # never stat, hash, read or delete it: the pair is unusable
+                    report("outside", self.root / rel, f"{what} of pair {rid!r} is named by the manifest as "
+                           f"{rel!r}, which is not inside the store's {sub}/ folder; the pair is not used",
+                           rid, False)
+                    continue
+                referenced.add(path)
                 try:
                     actual_size = path.stat().st_size
                 except FileNotFoundError:
@@ -564,11 +568,37 @@ class Store:
         self._problems = problems
         self._bad_pairs = bad
 
+    def _inside(self, rel: str, sub: str, real_root: Path | None = None) -> Path | None:
+        """``root/rel`` if, symlinks resolved, it lies inside the store's ``sub`` folder, else None."""
+        real_root = self.root.resolve() if real_root is None else real_root
+        try:
+            real = (self.root / rel).resolve()
+        except (OSError, RuntimeError):  # a symlink loop
+            return None
+        folder = real_root / sub
+        return self.root / rel if real != folder and real.is_relative_to(folder) else None
+
+    def _refuse_outside(self, entry: dict[str, Any]) -> None:
+        """Raise if the manifest names any file of ``entry`` outside the store (nothing is changed)."""
+        real_root = self.root.resolve()
+        named = [(entry["image"], IMAGES_DIR), (entry["labels"], LABELS_DIR)]
+        named += [(v["labels"], LABELS_DIR) for v in entry["history"]]
+        for rel, sub in named:
+            if self._inside(rel, sub, real_root) is None:
+                raise FineMaskError(
+                    f"pair {entry['id']!r}: the manifest names {rel!r}, which is not inside the store's {sub}/ "
+                    "folder; nothing was changed (fix or remove the pair in the manifest)",
+                    self.manifest_path,
+                )
+
     def _stray_files(self) -> Iterator[Path]:
-        """Files in images/ and labels/, and temporary manifests: candidates for orphans."""
+        """Files in images/ and labels/, and temporary manifests: candidates for orphans.
+
+        A sub-folder that is a symlink is not listed (its files are not the store's to delete).
+        """
         for sub in (IMAGES_DIR, LABELS_DIR):
             folder = self.root / sub
-            if folder.is_dir():
+            if folder.is_dir() and not folder.is_symlink():
                 yield from (p for p in sorted(folder.iterdir()) if p.is_file())
         yield from sorted(self.root.glob(f".{Path(MANIFEST).stem}.*.tmp*"))
 
@@ -600,10 +630,11 @@ class Store:
         return f"{base}-{n}"
 
     def _delete_unreferenced(self, manifest: dict[str, Any], rels: list[str]) -> None:
-        """Delete files that the (already written) manifest no longer names."""
+        """Delete labels files that the (already written) manifest no longer names (only inside labels/)."""
         in_use = {r["labels"] for r in manifest["pairs"]}
         in_use |= {v["labels"] for r in manifest["pairs"] for v in r["history"]}
-        _remove_quietly([self.root / rel for rel in rels if rel not in in_use])
+        paths = [self._inside(rel, LABELS_DIR) for rel in rels if rel not in in_use]
+        _remove_quietly([p for p in paths if p is not None])
 
     def _record(self, rec: dict[str, Any]) -> PairRecord:
         return PairRecord(
@@ -653,6 +684,101 @@ def _empty_manifest(history_limit: int | None) -> dict[str, Any]:
         },
         "pairs": [],
     }
+
+
+def _create_store(root: Path, history_limit: int | None, lock: FileLock) -> None:
+    """Make a new store at ``root`` (which has no manifest) whole, or leave nothing behind.
+
+    A new or empty folder is built as a hidden temporary sibling (its folders and manifest) and
+    renamed into place in one step, so a full disk or a crash never leaves a store folder without
+    a manifest. A folder already holding other files gets the store's folders and manifest in
+    place, under the lock; what was made is removed again if that fails. Parent folders made for
+    the store are removed on failure too.
+    """
+    text = json.dumps(_empty_manifest(history_limit), indent=1) + "\n"
+    made: list[Path] = []  # folders (and the lock file) made here, outermost first
+    try:
+        for parent in reversed(root.parents):
+            _make_folder(parent, made)
+        if root.is_dir() and any(root.iterdir()):
+            lock_existed = lock.path.exists()
+            if not lock_existed:
+                made.append(lock.path)
+            with lock:
+                for sub in (IMAGES_DIR, LABELS_DIR):
+                    _make_folder(root / sub, made)
+                if not (root / MANIFEST).exists():
+                    atomic_write_text(root / MANIFEST, text)
+            return
+        tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", suffix=".new", dir=root.parent))
+        try:
+            tmp.chmod(0o755)  # mkdtemp makes a private folder; a store is an ordinary one
+            for sub in (IMAGES_DIR, LABELS_DIR):
+                (tmp / sub).mkdir()
+            atomic_write_text(tmp / MANIFEST, text)
+            try:
+                os.rename(tmp, root)  # replaces root only where it is an empty folder
+            except OSError:
+                if not (root / MANIFEST).is_file():
+                    raise
+                # another process made the store meanwhile: use theirs
+            _fsync_folder(root.parent)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    except (OSError, FineMaskError) as exc:
+        for path in reversed(made):
+            with contextlib.suppress(OSError):
+                path.rmdir() if path.is_dir() else path.unlink()
+        if isinstance(exc, FineMaskError):
+            raise
+        raise FineMaskError(f"cannot create the annotation store ({exc.strerror or exc})", root) from None
+
+
+def _make_folder(path: Path, made: list[Path]) -> None:
+    """Make ``path`` if it does not exist, noting it in ``made``."""
+    if path.is_dir():
+        return
+    try:
+        path.mkdir()
+    except FileExistsError:
+        if not path.is_dir():
+            raise FineMaskError("an annotation store must be a folder, this is a file", path) from None
+        return
+    made.append(path)
+
+
+def _fsync_folder(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def discard_new_store(root: str | Path) -> bool:
+    """Remove a store at ``root`` if it holds no pairs and no other files; True if removed.
+
+    For callers that made a store for pairs that then could not be added (``finemask store add``
+    to a new folder on a full disk): they leave no empty store behind. Anything else in the
+    folder (a model, a stray file) keeps it.
+    """
+    root = Path(root)
+    store_files = {root / MANIFEST, root / LOCK_FILE, root / IMAGES_DIR, root / LABELS_DIR}
+    try:
+        with FileLock(root / LOCK_FILE, timeout=5.0):
+            manifest = parse_manifest((root / MANIFEST).read_text(encoding="utf-8"), root / MANIFEST)
+            others = [p for p in root.iterdir() if p not in store_files]
+            others += [p for sub in (IMAGES_DIR, LABELS_DIR) if (root / sub).is_dir() for p in (root / sub).iterdir()]
+            if manifest["pairs"] or others:
+                return False
+            for sub in (IMAGES_DIR, LABELS_DIR):
+                (root / sub).rmdir()
+            _remove_quietly([root / MANIFEST, root / LOCK_FILE])
+        root.rmdir()
+    except (OSError, UnicodeDecodeError, FineMaskError):
+        return False
+    return True
 
 
 def _current_version(entry: dict[str, Any]) -> dict[str, Any]:

@@ -43,6 +43,7 @@ from engine.store import UNLABELLED, Store
 from engine.versions import MODELS_DIR, list_versions, models_dir  # noqa: F401 - re-exported (moved to engine)
 from training.augment import resize_labels
 from training.data.store_dataset import NO_IGNORE, StoreDataset
+from training.finetune_checks import check_class_count, check_memory, require_labelled_pixels
 from training.loop import EpochKeyed, LoopConfig, train_loop
 
 ProgressFn = Callable[[int, int, str], None]
@@ -118,10 +119,12 @@ def finetune(
     train_pairs, val_pairs = store.pairs("train"), store.pairs("validation")
     if not train_pairs:
         raise FineMaskError("the annotation store has no training pairs to learn from yet", store.root)
+    require_labelled_pixels(store, train_pairs, val_pairs, cfg.ignore_index)
     job_type = {"segmentation": SegmentationJob, "refinement": RefinementJob}.get(card.task)
     if job_type is None:
         raise FineMaskError(f"cannot fine-tune a {card.task!r} model", base_path)
     job = job_type(state, card, store, cfg)
+    check_memory(job, cfg.batch_size)  # before any forward pass: refuse with the figures
 
     started = time.perf_counter()
     report = on_progress or (lambda done, total, message: None)
@@ -164,6 +167,8 @@ def finetune(
             return FinetuneResult(None, None, result.step, not cancelled and result.step >= cfg.steps, before,
                                   {}, result.history, run_dir, time.perf_counter() - started)
         after = job.evaluate_trained(val_pairs, _phase(report, "evaluating the new model"))
+        if val_pairs and after.get("miou") is None:  # never write a version scored on no labels
+            raise FineMaskError("the validation pairs hold no labelled pixels; no version was written", store.root)
         name = cfg.name or next_version_name(store, card.name or base_path.name)
         seconds = time.perf_counter() - started
         training = {
@@ -206,6 +211,7 @@ class SegmentationJob:
 
         config = SegmenterConfig.from_dict(card.config)
         ignore = cfg.ignore_index
+        check_class_count(store, ignore, config.num_classes)
         ids = [c for c in store.classes() if c != ignore]
         num_classes = max(config.num_classes, max(ids, default=-1) + 1)
         if ignore is not None and ignore < num_classes:
@@ -231,6 +237,7 @@ class SegmentationJob:
         data = StoreDataset(store, store.pairs("train"), self.classes, self.palette, ignore, 2 * self.working,
                             min_length=cfg.batch_size)
         crop = tuple(_round_to(c, 2 * self.model.pad_multiple) for c in cfg.crop)
+        self.crop = crop
         self.train_data = EpochKeyed(DSRLPairs(data, DSRLPairConfig(
             crop_size=crop, scale_range=(0.75, 1.25), pad_multiple=self.model.pad_multiple, seed=cfg.seed)))
         self.loss_fn = make_loss(config, data.ignore_index)
@@ -279,6 +286,7 @@ class RefinementJob:
         except RuntimeError as exc:
             raise FineMaskError(f"refiner weights do not match its card ({str(exc).splitlines()[0]})") from None
         self.ignore = cfg.ignore_index
+        check_class_count(store, self.ignore, 0)
         ids = [c for c in store.classes() if c != self.ignore]
         self.classes = [f"class {i}" for i in range(max(ids, default=0) + 1)]
         data = StoreDataset(store, store.pairs("train"), self.classes, ignore_index=self.ignore)

@@ -32,30 +32,37 @@ def run_add(args: argparse.Namespace) -> int:
 
     One image: a problem is the command's error (exit 2). Several: each problem is reported and
     the other pairs are added (exit 1 if any failed). A store folder that does not exist yet is
-    made only once a pair has been read without problems.
+    made only once a pair has been read without problems, and removed again if no pair could be
+    added to it (say, the disk is full).
     """
     from engine.errors import FineMaskError
     from engine.io import LABEL_SUFFIXES, read_image, read_labels
-    from engine.store import MANIFEST, Store
+    from engine.store import MANIFEST, Store, discard_new_store
 
     store = Store.open(args.store) if (args.store / MANIFEST).is_file() else None
-    failed = 0
-    for image in args.images:
-        candidates = [args.labels / f"{image.stem}{s}" for s in LABEL_SUFFIXES]
-        labels = next((c for c in candidates if c.is_file()), None)
-        try:
-            if labels is None:
-                raise FineMaskError(f"no label file named {image.stem}.* in {args.labels}", image)
-            if store is None:  # read the pair before making a new store folder for it
-                read_labels(labels, shape=read_image(image).shape[:2])
-                store = Store.open(args.store)
-            pair = store.add(image, labels, origin=args.origin, name=image.stem)
-            print(f"added {pair} ({store.get(pair).split})")
-        except FineMaskError as exc:
-            if len(args.images) == 1:
-                raise
-            failed += 1
-            print(f"skipped: {exc}")
+    made_here = store is None
+    failed = added = 0
+    try:
+        for image in args.images:
+            candidates = [args.labels / f"{image.stem}{s}" for s in LABEL_SUFFIXES]
+            labels = next((c for c in candidates if c.is_file()), None)
+            try:
+                if labels is None:
+                    raise FineMaskError(f"no label file named {image.stem}.* in {args.labels}", image)
+                if store is None:  # read the pair before making a new store folder for it
+                    read_labels(labels, shape=read_image(image).shape[:2])
+                    store = Store.open(args.store)
+                pair = store.add(image, labels, origin=args.origin, name=image.stem)
+                added += 1
+                print(f"added {pair} ({store.get(pair).split})")
+            except FineMaskError as exc:
+                if len(args.images) == 1:
+                    raise
+                failed += 1
+                print(f"skipped: {exc}")
+    finally:
+        if made_here and store is not None and not added:
+            discard_new_store(args.store)
     return 1 if failed else 0
 
 
