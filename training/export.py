@@ -55,6 +55,7 @@ def export_dsrl_run(
         "steps": int(state["step"]),
         "batch_size": cfg.loop.batch_size,
         "crop": list(cfg.crop),
+        "pretrained": cfg.pretrained or "none",
         "command": cfg.command or "(not recorded)",
         "export_command": command,
     }
@@ -88,6 +89,7 @@ def export_refine_run(
         "sources": list(cfg["sources"]),
         "steps": int(state["step"]),
         "batch_size": cfg["loop"]["batch_size"],
+        "pretrained": cfg.get("pretrained") or "none",
         "command": cfg.get("command") or "(not recorded)",
         "export_command": command,
     }

@@ -61,6 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="stop this sitting after MIN minutes with a checkpoint (--resume continues)")
     parser.add_argument("--run", dest="run_dir", type=Path, default=None, help="run folder (default runs/<data>-<variant>)")
     parser.add_argument("--resume", action="store_true", help="continue the run from its last checkpoint")
+    parser.add_argument("--pretrained", default=None, metavar="NAME|FILE",
+                        help="start the encoder from ImageNet ResNet weights: an installed name "
+                             "(resnet50-imagenet) or a torchvision-layout file; not applied on --resume")
 
 
 def _setup(args: argparse.Namespace) -> tuple[int, LoopConfig]:
@@ -122,6 +125,7 @@ def run_dsrl(args: argparse.Namespace) -> int:
         data=args.data, variant=args.variant, encoder=args.encoder, output_stride=args.output_stride,
         crop=tuple(args.crop), scale_range=tuple(args.scale_range), data_scale=args.data_scale,
         model=model_overrides, class_weighting=args.class_weighting, loop=loop, command=_command_line(),
+        pretrained=args.pretrained,
     )
     run = args.run_dir or Path("runs") / f"{args.data}-{args.variant}"
     return _train_with_bar(train_dsrl, cfg, run, args, rank, f"train {args.variant}")
@@ -157,6 +161,9 @@ def add_refine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--time-budget", type=float, default=None, metavar="MIN")
     parser.add_argument("--run", dest="run_dir", type=Path, default=Path("runs") / "refine")
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--pretrained", default=None, metavar="NAME|FILE",
+                        help="start the backbone (--backbone resnet50) from ImageNet ResNet-50 weights: "
+                             "resnet50-imagenet or a torchvision-layout file; not applied on --resume")
 
 
 def run_refine(args: argparse.Namespace) -> int:
@@ -167,7 +174,7 @@ def run_refine(args: argparse.Namespace) -> int:
     cfg = RefineTrainConfig(backbone=args.backbone, sources=tuple(args.sources),
                             crops_per_epoch=args.crops_per_epoch, lowres_prob=args.lowres_prob,
                             loop=loop, command=_command_line(),
-                            model={"mask_skip": True} if args.mask_skip else {})
+                            model={"mask_skip": True} if args.mask_skip else {}, pretrained=args.pretrained)
     return _train_with_bar(train_refine, cfg, args.run_dir, args, rank, f"train refine-{args.backbone}")
 
 

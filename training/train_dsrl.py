@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from engine.checkpoints import ModelCard, save_checkpoint
+from engine.errors import FineMaskError
 from engine.models import SegmenterConfig, create_model
 from engine.models.dupsampling import fit_basis
 from training.data.dsrl_pairs import DSRLPairConfig, DSRLPairs
@@ -22,6 +23,7 @@ from training.data.readers import CachedDataset, SegmentationDataset
 from training.data.registry import load_dataset
 from training.losses import dsrl_loss
 from training.loop import EpochKeyed, LoopConfig, LoopResult, ProgressFn, _is_main, train_loop
+from training.pretrained import start_run_from
 
 #: Where each dataset's terms are stated, for model cards.
 DATA_TERMS = {
@@ -52,6 +54,8 @@ class DSRLTrainConfig:
     class_weighting: str = "none"
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=20000, batch_size=8, lr=2e-3))
     command: str = ""  #: the command line that started the run, for the model card
+    #: ImageNet ResNet weights (installed name or torchvision-layout file) the encoder started from
+    pretrained: str | None = None
 
 
 def build_model(cfg: DSRLTrainConfig, dataset: SegmentationDataset) -> torch.nn.Module:
@@ -142,11 +146,15 @@ def train_dsrl(
     cancel=None,
 ) -> tuple[torch.nn.Module, LoopResult]:
     """Train in ``run_dir`` (state, log.csv, loss.png); returns the model and where it stopped."""
+    if cfg.pretrained and cfg.encoder == "mobile":  # before the data set loads
+        raise FineMaskError("the mobile encoder has no torchvision ImageNet counterpart; --pretrained needs "
+                            "--encoder resnet18, resnet34 or resnet50")
     base = dataset if dataset is not None else load_dataset(cfg.data, "train")
     if not isinstance(base, CachedDataset):
         base = CachedDataset(base, cfg.data_scale)
         base.preload()
     model = build_model(cfg, base)
+    cfg = replace(cfg, pretrained=start_run_from(model, cfg.pretrained, run_dir, resume))
     save_train_config(cfg, run_dir)
     pairs = DSRLPairs(base, DSRLPairConfig(crop_size=tuple(cfg.crop), scale_range=tuple(cfg.scale_range),
                                            pad_multiple=model.pad_multiple, seed=cfg.loop.seed))

@@ -6,7 +6,7 @@ continues exactly. The loss supervises all six cascade outputs (``training.refin
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ from engine.checkpoints import ModelCard, save_checkpoint
 from engine.models.refine import RefinerConfig, build_refinement_module, normalise_image
 from training.data.refine_crops import REFINE_SOURCES, RefineCropConfig, RefineCrops, build_refine_crops
 from training.loop import EpochKeyed, LoopConfig, LoopResult, ProgressFn, _is_main, train_loop
+from training.pretrained import start_run_from
 from training.refine_losses import refinement_loss
 
 REFINE_DATA_TERMS = (
@@ -36,6 +37,7 @@ class RefineTrainConfig:
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=45000, batch_size=12, lr=2.25e-4,
                                                                  schedule="step"))
     command: str = ""
+    pretrained: str | None = None  #: ImageNet ResNet-50 weights (name or file) the backbone started from
 
 
 def refine_loss_fn(net: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, dict[str, float]]:
@@ -57,6 +59,7 @@ def train_refine(
 ) -> tuple[torch.nn.Module, LoopResult]:
     """Train in ``run_dir`` (state, log.csv, loss.png, train_config.json)."""
     model = build_refinement_module(RefinerConfig(backbone=cfg.backbone, **cfg.model))
+    cfg = replace(cfg, pretrained=start_run_from(model, cfg.pretrained, run_dir, resume))
     if crops is None:
         crops = build_refine_crops(sources=cfg.sources, length=cfg.crops_per_epoch,
                                    config=RefineCropConfig(lowres_prob=cfg.lowres_prob))
