@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        from app.commands.options import check_options
+
+        check_options(args)  # --device, --threads...: one clear line before any work
         return int(args.run(args) or 0)
     except (FineMaskError, ValueError) as exc:  # ValueError: an option out of range (e.g. --L 10)
         print(f"finemask {args.command}: error: {exc}", file=sys.stderr)

@@ -44,7 +44,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from app.commands.outputs import check_output_folder
     from engine.batch import BatchConfig, run_batch
+
+    check_output_folder(args.output, [args.input])
     from engine.installed import default_refiner
 
     huge = {} if args.huge_pixels is None else {"huge_pixels": args.huge_pixels}

@@ -29,6 +29,11 @@ def run(args: argparse.Namespace) -> int:
     from engine.segment import Segmenter
 
     args.refiner = args.refiner or default_refiner()
+    from app.commands.outputs import check_output_file, check_output_folder
+
+    check_output_folder(args.output)
+    for name in ("labels.tif", "overlay.png", "refined.tif", "refined_overlay.png"):
+        check_output_file(args.output / name, [args.image], ())
     image = read_image(args.image)
     print(f"image: {args.image} ({image.shape[1]}x{image.shape[0]})")
     segmenter = Segmenter.from_pretrained(args.model)

@@ -53,8 +53,9 @@ def load_refiner(model: str, device: str | None = None, threads: int | None = No
 def run(args: argparse.Namespace) -> int:
     from engine.io import read_image, read_labels, write_image, write_labels
 
-    if args.output.suffix.lower() not in (".png", ".tif", ".tiff"):
-        raise FineMaskError("output must end in .png, .tif or .tiff", args.output)
+    from app.commands.outputs import check_output_file
+
+    check_output_file(args.output, [args.image, args.mask], (".png", ".tif", ".tiff"))
     image = read_image(args.image)
     labels = read_labels(args.mask, shape=image.shape[:2])
     from engine.installed import default_refiner

@@ -62,11 +62,12 @@ def run(args: argparse.Namespace) -> int:
 
 def _jobs(src: Path, dst: Path) -> list[tuple[Path, Path]]:
     """(image, labels path) pairs: one for a file; one per image for a folder."""
+    from app.commands.outputs import check_output_file, check_output_folder, folder_outputs
+
     if src.is_dir():
         images = sorted(p for p in src.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not images:
             raise FineMaskError("folder holds no images (.tif, .png, .jpg)", src)
-        return [(p, dst / f"{p.stem}.tif") for p in images]
-    if dst.suffix.lower() not in (".tif", ".tiff", ".png"):
-        raise FineMaskError("output must end in .tif, .tiff or .png", dst)
-    return [(src, dst)]
+        check_output_folder(dst, [src])
+        return list(zip(images, folder_outputs(images, dst)))
+    return [(src, check_output_file(dst, [src]))]

@@ -195,6 +195,67 @@ def empty_files(draw, kind: str = "image") -> BadFile:
     return BadFile(f"empty{suffix}", b"", "0 bytes", "0 bytes", problem="empty")
 
 
+# --- PNGs whose image data ends early (valid chunks, CRCs and zlib stream) -------------------------
+
+#: Channels per PNG colour type; (colour type, bit depth) pairs an image / a label PNG may have.
+PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
+IMAGE_PNG_TYPES = [(0, 8), (0, 16), (2, 8), (2, 16), (3, 8), (4, 8), (4, 16), (6, 8), (6, 16)]
+LABEL_PNG_TYPES = [(0, 8), (0, 16), (3, 8)]
+_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+
+
+def png_chunk(kind: bytes, payload: bytes) -> bytes:
+    """One PNG chunk with its length and a valid CRC."""
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload) & 0xFFFFFFFF)
+
+
+def png_row_lengths(width: int, height: int, colour: int = 2, depth: int = 8, interlace: int = 0) -> list[int]:
+    """Bytes of each filtered row (filter byte included) in the order the image data holds them
+    (Adam7 passes one after the other when interlaced)."""
+    bits = depth * PNG_CHANNELS[colour]
+    if not interlace:
+        return [1 + (width * bits + 7) // 8] * height
+    rows = []
+    for x0, y0, dx, dy in _ADAM7:
+        w, h = (width - x0 + dx - 1) // dx, (height - y0 + dy - 1) // dy
+        if w > 0 and h > 0:
+            rows += [1 + (w * bits + 7) // 8] * h
+    return rows
+
+
+def png_with_data(width: int, height: int, *, colour: int = 2, depth: int = 8, interlace: int = 0,
+                  keep: int | None = None, seed: int = 0) -> bytes:
+    """A PNG of random pixels (filter 0 on every row) whose zlib stream holds the first ``keep``
+    bytes of its filtered rows (None: all of them): with ``keep`` short of the total, a file with
+    valid chunks, CRCs and compressed data whose image data ends before the last row."""
+    rng = np.random.default_rng(seed)
+    raw = bytearray()
+    for n in png_row_lengths(width, height, colour, depth, interlace):
+        raw += b"\0" + rng.integers(0, 256, n - 1, dtype=np.uint8).tobytes()
+    raw = bytes(raw if keep is None else raw[:keep])
+    ihdr = struct.pack(">IIBBBBB", width, height, depth, colour, 0, 0, interlace)
+    palette = png_chunk(b"PLTE", bytes(PALETTE)) if colour == 3 else b""
+    return (SIGNATURES["png"] + png_chunk(b"IHDR", ihdr) + palette + png_chunk(b"IDAT", zlib.compress(raw))
+            + png_chunk(b"IEND", b""))
+
+
+@st.composite
+def short_png_files(draw, kind: str = "image") -> BadFile:
+    """A PNG whose (valid) compressed image data ends early: 0 .. all but one byte of its rows,
+    interlaced or not, any colour type and bit depth an image (or a label map) may have."""
+    colour, depth = draw(st.sampled_from(IMAGE_PNG_TYPES if kind == "image" else LABEL_PNG_TYPES))
+    width, height = draw(sides(8))
+    interlace = draw(st.sampled_from([0, 1]))
+    total = sum(png_row_lengths(width, height, colour, depth, interlace))
+    keep = draw(st.integers(0, total - 1))
+    data = png_with_data(width, height, colour=colour, depth=depth, interlace=interlace, keep=keep,
+                         seed=draw(st.integers(0, 2**16)))
+    laced = "interlaced " if interlace else ""
+    return BadFile("short.png", data, "image data short",
+                   f"{laced}{width}x{height} PNG (type {colour}, {depth}-bit) with {keep} of {total} bytes of rows",
+                   problem="truncated")
+
+
 # --- decompression bombs: headers that claim far more pixels than the file holds -----------------
 
 
@@ -312,7 +373,7 @@ def bad_image_files(limit: int) -> st.SearchStrategy[BadFile]:
     return st.one_of(
         truncated_files("image"), header_flips("image"), wrong_magic_files("image"), empty_files("image"),
         bomb_files(limit, "image"), unsupported_dtype_images(), bad_channel_images(), nonfinite_float_images(),
-        out_of_range_float_images(),
+        out_of_range_float_images(), short_png_files("image"),
     )
 
 
@@ -351,7 +412,7 @@ def bad_label_files(limit: int) -> st.SearchStrategy[BadFile]:
     """Any label file that must be refused (or, when damaged, at worst read as it was)."""
     return st.one_of(
         truncated_files("labels"), header_flips("labels"), wrong_magic_files("labels"), empty_files("labels"),
-        bomb_files(limit, "labels"), bad_label_values(), bad_label_layouts(),
+        bomb_files(limit, "labels"), bad_label_values(), bad_label_layouts(), short_png_files("labels"),
     )
 
 

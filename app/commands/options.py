@@ -1,0 +1,50 @@
+"""Checks of the options every command may have (``--device``, ``--threads``, worker counts),
+before any work: a bad value is one FineMaskError naming the option (the CLI: exit code 2)."""
+from __future__ import annotations
+
+import argparse
+
+from engine.errors import FineMaskError
+
+#: Options counting threads or processes: attribute name -> option as typed.
+COUNT_OPTIONS = {"threads": "--threads", "workers": "--workers", "threads_per_worker": "--threads-per-worker"}
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """Check whichever of ``--device`` and the count options ``args`` has.
+
+    The device is checked on this machine unless the work runs on a remote cluster
+    (``--scheduler``), whose workers may have GPUs this machine lacks (only its spelling is checked).
+    """
+    for attr, option in COUNT_OPTIONS.items():
+        value = getattr(args, attr, None)
+        if value is not None and value < 1:
+            raise FineMaskError(f"{option} must be at least 1, got {value}")
+    device = getattr(args, "device", None)
+    if device is not None:
+        check_device(device, local=getattr(args, "scheduler", None) is None)
+
+
+def check_device(value: str, *, option: str = "--device", local: bool = True) -> None:
+    """A FineMaskError unless ``value`` names a device FineMask can run on (here, when ``local``)."""
+    import torch
+
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError, TypeError):
+        raise FineMaskError(f"{option} {value!r} is not a device: use cpu or cuda (cuda:N for GPU N)") from None
+    if device.type == "cpu":
+        return
+    if device.type == "cuda":
+        if not local:
+            return
+        if not torch.cuda.is_available():
+            raise FineMaskError(f"{option} {value}: CUDA is not available on this machine (no GPU or a CPU-only "
+                                "torch build); use --device cpu")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise FineMaskError(f"{option} {value}: there is no GPU {device.index} (this machine has {count})")
+        return
+    if device.type == "mps" and (not local or torch.backends.mps.is_available()):
+        return
+    raise FineMaskError(f"{option} {value}: FineMask runs on cpu or cuda, not on {device.type}")
