@@ -356,6 +356,192 @@ def fire(url: str, plan: list[Request], *, model: str, working_size: int | None 
 
 
 # --------------------------------------------------------------------------------------------
+# Raw HTTP: plain requests as curl would send them, no gradio_client
+
+#: Routes of the raw mode: POST /gradio_api/run/<name> (answers in the response), POST
+#: /gradio_api/call/<name> then GET its event stream, POST /gradio_api/queue/join then GET
+#: /gradio_api/queue/data (what the page itself does).
+RAW_ROUTES = ("run", "call", "join")
+#: Part of the server's answer when /run/<name> is asked for a function that must queue.
+RUN_REFUSED = "join the queue"
+
+
+class RawHttp:
+    """One user's plain HTTP client of a FineMask server (``auth``: log in first, like the page)."""
+
+    def __init__(self, url: str, *, auth: tuple[str, str] | None = None, timeout_s: float = 600.0):
+        import httpx
+
+        self.url = require_loopback(url)
+        self.http = httpx.Client(base_url=self.url, timeout=timeout_s)
+        self.headers: dict[str, str] = {}
+        if auth:
+            answer = self.http.post("login", data={"username": auth[0], "password": auth[1]})
+            answer.raise_for_status()
+            # Gradio marks one of its two session cookies "secure": send both back by hand over http.
+            self.headers["Cookie"] = "; ".join(f"{k}={v}" for k, v in answer.cookies.items())
+
+    def close(self) -> None:
+        self.http.close()
+
+    def post(self, path: str, headers: dict[str, str] | None = None, **kwargs: Any):
+        return self.http.post(path, headers={**self.headers, **(headers or {})}, **kwargs)
+
+    def upload(self, paths: list[Path]) -> list[dict]:
+        """Upload files in one request; their FileData dicts, as inputs of a call."""
+        answer = self.post("gradio_api/upload", files=[("files", (p.name, p.read_bytes())) for p in paths])
+        answer.raise_for_status()
+        return [{"path": server_path, "orig_name": p.name, "meta": {"_type": "gradio.FileData"}}
+                for server_path, p in zip(answer.json(), paths)]
+
+    def fn_index(self, api_name: str) -> int:
+        """The function index of a named endpoint (from the page's config)."""
+        config = self.http.get("config", headers=self.headers)
+        config.raise_for_status()
+        for dep in config.json()["dependencies"]:
+            if dep.get("api_name") == api_name:
+                return int(dep["id"])
+        raise KeyError(f"no endpoint named {api_name!r}")
+
+    def events(self, path: str, params: dict | None = None):
+        """Server-sent events of a GET: (event name, parsed data) pairs."""
+        with self.http.stream("GET", path, params=params, headers=self.headers) as answer:
+            answer.raise_for_status()
+            name = "message"
+            for line in answer.iter_lines():
+                if line.startswith("event:"):
+                    name = line[6:].strip()
+                elif line.startswith("data:"):
+                    yield name, json.loads(line[5:].strip() or "null")
+                    name = "message"
+
+    def download(self, file_data: dict | None, folder: Path) -> Path | None:
+        """A result file (FileData dict with a url) saved in ``folder``."""
+        if not file_data or not file_data.get("url"):
+            return None
+        answer = self.http.get(file_data["url"], headers=self.headers)
+        answer.raise_for_status()
+        folder.mkdir(parents=True, exist_ok=True)
+        target = folder / Path(str(file_data.get("orig_name") or file_data["path"])).name
+        target.write_bytes(answer.content)
+        return target
+
+
+def raw_call(client: RawHttp, route: str, api_name: str, data: list, fn_index: int | None = None,
+             session_hash: str | None = None, on_sent: Callable[[int], None] | None = None) -> tuple[str, Any, int]:
+    """Send one call by ``route``; ("answered", output data, 200), ("error", message, HTTP
+    status) or ("refused", the server's reason, HTTP status) when it was not accepted.
+    ``on_sent`` gets the HTTP status of the POST (accepted or refused) before any result."""
+    import uuid
+
+    sent = on_sent or (lambda code: None)
+    if route == "run":
+        answer = client.post(f"gradio_api/run/{api_name}", json={"data": data})
+        sent(answer.status_code)
+        if answer.status_code == 200:
+            return "answered", answer.json()["data"], 200
+        text = answer.text
+        refused = answer.status_code == 404 and RUN_REFUSED in text or answer.status_code == 503
+        return ("refused" if refused else "error"), text[:300], answer.status_code
+    if route == "call":
+        answer = client.post(f"gradio_api/call/{api_name}", json={"data": data})
+        sent(answer.status_code)
+        if answer.status_code != 200:
+            return ("refused" if answer.status_code == 503 else "error"), answer.text[:300], answer.status_code
+        for name, payload in client.events(f"gradio_api/call/{api_name}/{answer.json()['event_id']}"):
+            if name == "complete":
+                return "answered", payload, 200
+            if name == "error":
+                return "error", str(payload)[:300], 200
+        return "error", "the event stream ended without a result", 200
+    if route == "join":
+        session_hash = session_hash or uuid.uuid4().hex[:12]
+        answer = client.post("gradio_api/queue/join", json={"data": data, "fn_index": fn_index, "session_hash":
+                                                            session_hash, "event_data": None, "trigger_id": None})
+        sent(answer.status_code)
+        if answer.status_code != 200:
+            return ("refused" if answer.status_code == 503 else "error"), answer.text[:300], answer.status_code
+        event_id = answer.json()["event_id"]
+        for _, msg in client.events("gradio_api/queue/data", {"session_hash": session_hash}):
+            if isinstance(msg, dict) and msg.get("msg") == "process_completed" and msg.get("event_id") == event_id:
+                output = msg.get("output") or {}
+                if msg.get("success"):
+                    return "answered", output.get("data"), 200
+                return "error", str(output.get("error") or output)[:300], 200
+        return "error", "the event stream ended without a result", 200
+    raise ValueError(f"unknown route {route!r} (one of {', '.join(RAW_ROUTES)})")
+
+
+def fire_raw(url: str, plan: list[Request], route: str, *, model: str, uploaded: dict[Path, dict],
+             working_size: int | None = None, auth: tuple[str, str] | None = None,
+             check: Callable[[Request, Any], str] | None = None, time_limit_s: float = 600.0,
+             download_dir: Path | None = None, on_start: Callable[[], None] | None = None,
+             on_sent: Callable[[int], None] | None = None) -> list[Outcome]:
+    """Send every request of ``plan`` at once by ``route`` (see :data:`RAW_ROUTES`), each from its
+    own client (logged in with ``auth``) and thread; images were uploaded before (``uploaded``:
+    their FileData). Outcomes as in :func:`fire`: a /run refused with "join the queue" or any
+    503 "Queue is full" counts as refused. ``on_start``: called once all clients are ready, as
+    the requests go out; ``on_sent``: called with each POST's HTTP status (see :func:`raw_call`)."""
+    url = require_loopback(url)
+    folder = Path(download_dir or tempfile.mkdtemp(prefix="finemask-raw-"))
+    probe = RawHttp(url, auth=auth)
+    index = {name: probe.fn_index(name) for name in {r.endpoint for r in plan}} if route == "join" else {}
+    probe.close()
+    clients: list[RawHttp | None] = [None] * len(plan)
+    outcomes: list[Outcome | None] = [None] * len(plan)
+    barrier = threading.Barrier(len(plan), action=on_start)
+
+    def worker(slot: int, request: Request) -> None:
+        t0 = time.monotonic()
+        try:
+            clients[slot] = client = RawHttp(url, auth=auth, timeout_s=time_limit_s)
+        except Exception as exc:  # noqa: BLE001 - counted as failed once the others go
+            client, problem = None, exc
+        try:
+            barrier.wait(timeout=max(60.0, time_limit_s))
+        except threading.BrokenBarrierError:
+            pass
+        t0 = time.monotonic()
+        if client is None:
+            outcomes[slot] = Outcome(request.index, request.endpoint, "failed", 0.0, f"connecting: {problem}")
+            return
+        data = [] if request.endpoint == "models" else [uploaded[request.image], model, working_size or 0]
+        try:
+            kind, payload, code = raw_call(client, route, request.endpoint, data, index.get(request.endpoint),
+                                           on_sent=on_sent)
+            seconds = time.monotonic() - t0
+            if kind == "refused":
+                outcome = Outcome(request.index, request.endpoint, "refused", seconds, str(payload), code)
+            elif kind == "error":
+                outcome = Outcome(request.index, request.endpoint, "failed", seconds, str(payload), code)
+            else:
+                result: Any = payload[0] if request.endpoint == "models" else payload
+                if request.endpoint != "models":
+                    where = folder / str(request.index)
+                    result = (None, client.download(payload[1], where), client.download(payload[2], where),
+                              None, payload[4])
+                problem = check(request, result) if check is not None else ""
+                outcome = Outcome(request.index, request.endpoint, "wrong" if problem else "completed", seconds,
+                                  problem, code)
+        except Exception as exc:  # noqa: BLE001 - every failure is counted, none may escape
+            status, detail, code = classify(exc)
+            outcome = Outcome(request.index, request.endpoint, status, time.monotonic() - t0, detail, code)
+        finally:
+            client.close()
+        outcomes[slot] = outcome
+
+    threads = [threading.Thread(target=worker, args=(i, r), daemon=True) for i, r in enumerate(plan)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=max(60.0, time_limit_s) + time_limit_s + 30)
+    if download_dir is None:
+        shutil.rmtree(folder, ignore_errors=True)
+    return [o or Outcome(r.index, r.endpoint, "failed", time_limit_s, "no outcome (thread still running)")
+            for r, o in zip(plan, outcomes)]
+
+
+# --------------------------------------------------------------------------------------------
 # Summary
 
 

@@ -9,10 +9,20 @@ half-way through).
 The budget is the free memory (``engine.tiling.available_memory``: MemAvailable capped by the
 cgroup limit, or free CUDA memory) times ``fraction``; ``$FINEMASK_MEMORY_LIMIT`` (bytes, or with
 a K/M/G suffix) caps host memory further, for shared machines and for tests.
+
+Jobs running at once (a server with several job slots) plan with each other: inside
+:func:`job_reservation` the peak a job planned stays reserved until it ends, and ``free_bytes``
+subtracts the reservations of the other running jobs. Free memory already shows what they have
+allocated so far, so this counts that part twice: the guard errs on the side of refusing.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import itertools
 import os
+import threading
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -43,13 +53,59 @@ def memory_limit() -> int | None:
 
 
 def free_bytes(device: torch.device | str = "cpu") -> int:
-    """Bytes a job may still allocate on ``device`` (host memory also capped by the limit)."""
+    """Bytes a job may still allocate on ``device`` (host memory also capped by the limit), less
+    what the other running jobs have reserved (:func:`job_reservation`)."""
     device = torch.device(device)
     free = tiling.available_memory(device)
     limit = memory_limit()
     if device.type == "cpu" and limit is not None:
         free = min(free, limit)
-    return free
+    return max(0, free - reserved_bytes(device))
+
+
+# --------------------------------------------------------------------------------------------
+# Memory reserved by running jobs (process-wide)
+
+_jobs_lock = threading.Lock()
+_jobs: dict[int, dict[str, int]] = {}  # job id -> {device type: bytes planned}
+_job_ids = itertools.count(1)
+_current_job: contextvars.ContextVar[int | None] = contextvars.ContextVar("finemask_memory_job", default=None)
+
+
+@contextlib.contextmanager
+def job_reservation() -> Iterator[None]:
+    """The scope of one job: what its ``plan_batch`` calls plan stays reserved until it ends.
+
+    The reservation is the largest plan per device (a job's steps run one after the other).
+    Plans made outside any scope reserve nothing but still see the running jobs' reservations.
+    """
+    job = next(_job_ids)
+    with _jobs_lock:
+        _jobs[job] = {}
+    token = _current_job.set(job)
+    try:
+        yield
+    finally:
+        _current_job.reset(token)
+        with _jobs_lock:
+            _jobs.pop(job, None)
+
+
+def reserved_bytes(device: torch.device | str = "cpu") -> int:
+    """Bytes on ``device``'s kind of memory reserved by running jobs other than the caller's."""
+    kind, me = torch.device(device).type, _current_job.get()
+    with _jobs_lock:
+        return sum(plans.get(kind, 0) for job, plans in _jobs.items() if job != me)
+
+
+def _reserve(kind: str, nbytes: int) -> None:
+    job = _current_job.get()
+    if job is None:
+        return
+    with _jobs_lock:
+        plans = _jobs.get(job)
+        if plans is not None:
+            plans[kind] = max(plans.get(kind, 0), int(nbytes))
 
 
 def plan_batch(*, fixed_bytes: int, item_bytes: int, wanted: int, device: torch.device | str,
@@ -73,7 +129,13 @@ def plan_batch(*, fixed_bytes: int, item_bytes: int, wanted: int, device: torch.
             f"{what} needs about {_gib(item_bytes)} of {where} for one {unit} "
             f"but only {_gib(room)} is free"
             f"{'; ' + hint if hint else ''}")
-    return max(1, min(int(wanted), int(fits)))
+    batch = max(1, min(int(wanted), int(fits)))
+    if device.type == "cpu":
+        _reserve("cpu", fixed_bytes + batch * int(item_bytes))
+    else:
+        _reserve("cpu", fixed_bytes)
+        _reserve(device.type, batch * int(item_bytes))
+    return batch
 
 
 def activation_bytes_per_pixel(model: nn.Module, *inputs: torch.Tensor) -> float:

@@ -140,11 +140,14 @@ def legend_html(classes: list[str], palette: list[list[int]], labels: np.ndarray
     return '<div class="fm-legend">' + "".join(items) + "</div>"
 
 
-def metrics_markdown(before: dict, after: dict, name: str | None) -> str:
-    """A Markdown table of validation scores before and after fine-tuning."""
+def metrics_markdown(before: dict | None, after: dict | None, name: str | None) -> str:
+    """A Markdown table of validation scores before and after fine-tuning; a score that is
+    missing or not a number (a card written when no validation pixel was labelled) shows "n/a"."""
+    before = before if isinstance(before, dict) else {}
+    after = after if isinstance(after, dict) else {}
     if not before and not after:
         return ""
-    pairs = (after or before).get("pairs", 0)
+    pairs = _count((after or before).get("pairs"))
     lines = [f"**{name}**" if name else "**cancelled** (the run's state is kept; start again to resume)", ""]
     if not pairs:
         lines.append("No validation pairs in the store yet, so no before/after scores.")
@@ -153,14 +156,21 @@ def metrics_markdown(before: dict, after: dict, name: str | None) -> str:
     for key, label in (("miou", "mIoU (%)"), ("mba", "mBA (%)")):
         b, a = before.get(key), after.get(key)
         lines.append(f"| {label} | {_num(b)} | {_num(a)} |")
-    per_before, per_after = before.get("per_class_iou", {}), after.get("per_class_iou", {})
+    per_before, per_after = before.get("per_class_iou") or {}, after.get("per_class_iou") or {}
+    per_before, per_after = (p if isinstance(p, dict) else {} for p in (per_before, per_after))
     for cls in dict.fromkeys([*per_before, *per_after]):
         lines.append(f"| IoU {html.escape(str(cls))} | {_num(per_before.get(cls))} | {_num(per_after.get(cls))} |")
     return "\n".join(lines)
 
 
 def _num(value: object) -> str:
-    return "–" if value is None else f"{float(value):.1f}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        return "n/a"
+    return f"{float(value):.1f}"
+
+
+def _count(value: object) -> int:
+    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value == value else 0
 
 
 __all__ = [

@@ -12,7 +12,12 @@ events are private. Every endpoint and button calls the same :class:`~app.web.se
 All model work shares one concurrency group (``--concurrency``, default 1), so however many
 people use the page, at most that many jobs hold memory at once; the rest wait in a queue of at
 most ``--queue-size`` (20) requests, and requests beyond that are refused at once ("Queue is
-full", HTTP 503 from ``/queue/join``; ``gradio_client`` raises ``QueueError``).
+full", HTTP 503 from ``/queue/join`` and ``/call/<name>``; ``gradio_client`` raises
+``QueueError``). No route gets around it: ``/run/<name>`` refuses queued functions (HTTP 404,
+"join the queue"), and every model function also holds a place of one
+:class:`~app.web.limits.JobGate` of the same size, with a memory reservation the memory guard
+of the other running jobs plans with. Uploads are capped per request (files and bytes) and
+fine-tuning per request (steps and minutes): see :mod:`app.web.limits` and ``--help``.
 """
 from __future__ import annotations
 
@@ -31,12 +36,14 @@ from typing import Any
 
 import gradio as gr
 import numpy as np
+from starlette.middleware import Middleware
 
 from engine.errors import Cancelled, FineMaskError
 from engine.installed import default_refiner
 from engine.refine_modes import MODE_HELP, REFINE_MODES
 
 from .editor import css_colour
+from .limits import JobGate, RequestLimits, UploadLimit, finetune_budget, parse_size, upload_bytes_cap
 from .render import legend_html, metrics_markdown, overlay_view, uncertainty_view
 from .session import WORKING_SIZE_RANGE, WebConfig, Work, Workbench
 
@@ -146,7 +153,7 @@ def release_freed_memory() -> None:
 
 def build_app(config: WebConfig | None = None, *, model: str | Path | None = None,
               refiner: str | Path | None = None, store: Any = None,
-              workbench: Workbench | None = None) -> gr.Blocks:
+              workbench: Workbench | None = None, limits: RequestLimits | None = None) -> gr.Blocks:
     """Build the page. ``model``/``refiner``/``store`` override the config (tests pass tiny models).
 
     The returned Blocks carries the :class:`Workbench` as ``.finemask``; start it with :func:`launch`.
@@ -154,6 +161,13 @@ def build_app(config: WebConfig | None = None, *, model: str | Path | None = Non
     bench = workbench or Workbench(config, model=model, refiner=refiner, store=store)
     cfg = bench.config
     flags = CancelFlags()
+    limits = limits or RequestLimits()
+    gate = JobGate(cfg.concurrency, cfg.queue_size,
+                   refuse=lambda text: gr.Error(text, title="Queue is full", print_exception=False))
+
+    def budget(steps: float | None, minutes: float | None) -> tuple[int, float]:
+        """(steps, minutes) of one fine-tuning request within the server's caps (0 steps: the default)."""
+        return finetune_budget(int(steps) if steps else None, minutes, limits, cfg.finetune.steps)
     seg_choices = bench.model_choices("segmentation")
     ref_choices = bench.model_choices("refinement")
 
@@ -251,7 +265,7 @@ def build_app(config: WebConfig | None = None, *, model: str | Path | None = Non
     @user_errors
     def on_finetune(base: str, steps: float, minutes: float, request: gr.Request,
                     progress: gr.Progress = gr.Progress()):
-        result = bench.finetune(base, int(steps), float(minutes or 0), _reporter(progress),
+        result = bench.finetune(base, *budget(steps, minutes), _reporter(progress),
                                 flags.start(_session(request)))
         text = metrics_markdown(result.before, result.after, result.name)
         if result.finished:
@@ -321,7 +335,7 @@ def build_app(config: WebConfig | None = None, *, model: str | Path | None = Non
     def api_finetune(base: str, steps: float, minutes: float, request: gr.Request,
                      progress: gr.Progress = gr.Progress()):
         """Fine-tune a model on the store. Returns the new version's name and before/after scores."""
-        result = bench.finetune(base or None, int(steps) if steps else None, float(minutes or 0),
+        result = bench.finetune(base or None, *budget(steps, minutes),
                                 _reporter(progress), flags.start(_session(request)))
         return {"name": result.name, "finished": result.finished, "steps": result.steps,
                 "before": result.before, "after": result.after, "seconds": round(result.seconds, 1)}
@@ -394,8 +408,11 @@ def build_app(config: WebConfig | None = None, *, model: str | Path | None = Non
                         base_dd = gr.Dropdown(all_choices(), value=bench.default_model, label="Base model",
                                               elem_id="ft-base")
                         with gr.Row():
-                            steps = gr.Slider(1, 5000, step=1, value=cfg.finetune.steps, label="Steps")
-                            minutes = gr.Number(0, label="Time budget (minutes, 0 = none)", minimum=0)
+                            steps = gr.Slider(1, limits.max_finetune_steps, step=1, label="Steps",
+                                              value=min(cfg.finetune.steps, limits.max_finetune_steps))
+                            minutes = gr.Number(0, minimum=0, maximum=limits.max_finetune_minutes,
+                                                label=f"Time budget (minutes, 0 = the server's "
+                                                      f"{limits.max_finetune_minutes:g})")
                         with gr.Row():
                             ft_btn = gr.Button("Fine-tune on the store", variant="primary", elem_id="ft-btn")
                             ft_cancel = gr.Button("Cancel", variant="stop", elem_id="ft-cancel")
@@ -452,7 +469,13 @@ def build_app(config: WebConfig | None = None, *, model: str | Path | None = Non
         a_button.click(api_cancel, None, a_info, api_name="cancel", queue=False)
         a_button.click(api_models, None, a_info, api_name="models", queue=False)
 
+    # Every model job holds a place of the gate, whatever route reached it (see app.web.limits).
+    for block_fn in demo.fns.values():
+        if block_fn.concurrency_id == ENGINE:
+            block_fn.fn = gate.guard(block_fn.fn)
     demo.finemask = bench  # type: ignore[attr-defined]
+    demo.finemask_gate = gate  # type: ignore[attr-defined]
+    demo.finemask_limits = limits  # type: ignore[attr-defined]
     return demo
 
 
@@ -519,7 +542,11 @@ def launch(demo: gr.Blocks, *, block: bool = True) -> str:
     """
     bench: Workbench = demo.finemask  # type: ignore[attr-defined]
     cfg = bench.config
-    demo.queue(default_concurrency_limit=max(1, cfg.concurrency), max_size=max(1, cfg.queue_size))
+    limits: RequestLimits = getattr(demo, "finemask_limits", None) or RequestLimits()
+    # api_open=False: POST /run/<name> (and /api/<name>) may not call a queued function directly;
+    # model work only enters through the queue (/queue/join, /call/<name>) and its concurrency group.
+    demo.queue(default_concurrency_limit=max(1, cfg.concurrency), max_size=max(1, cfg.queue_size), api_open=False)
+    upload_cap = upload_bytes_cap(limits, parse_size(cfg.max_file_size))
     # The folder an example is listed in, not its target's: a symlinked example must not open up
     # the folder it points into.
     allowed = sorted({str(p.parent.resolve()) for p in served_examples(cfg.examples)})
@@ -527,6 +554,7 @@ def launch(demo: gr.Blocks, *, block: bool = True) -> str:
         server_name=cfg.host, server_port=cfg.port, share=cfg.share, auth=cfg.auth,
         max_file_size=cfg.max_file_size, allowed_paths=allowed, blocked_paths=[str(bench.store.root.resolve())],
         prevent_thread_lock=True, quiet=True, show_error=True, ssr_mode=False, footer_links=["api", "settings"],
+        app_kwargs={"middleware": [Middleware(UploadLimit, max_files=limits.max_upload_files, max_bytes=upload_cap)]},
     )
     print(f"FineMask web app running on {url}" + (f" (public link: {share_url})" if share_url else ""), flush=True)
     print(f"annotation store: {bench.store.root}", flush=True)
@@ -557,6 +585,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, default=1, help="model jobs running at once over all users (1)")
     p.add_argument("--queue-size", type=int, default=20,
                    help="requests waiting for a job slot (20); more are refused at once with 'Queue is full'")
+    p.add_argument("--max-upload-files", type=int, default=RequestLimits.max_upload_files,
+                   help=f"files in one upload request ({RequestLimits.max_upload_files}); more are refused (HTTP 413)")
+    p.add_argument("--max-upload-bytes", default=None,
+                   help="bytes in one upload request, e.g. 600mb (default: --max-file-size + 32mb); more are refused")
+    p.add_argument("--max-finetune-steps", type=int, default=RequestLimits.max_finetune_steps,
+                   help=f"most steps one fine-tuning request may ask for ({RequestLimits.max_finetune_steps})")
+    p.add_argument("--max-finetune-minutes", type=float, default=RequestLimits.max_finetune_minutes,
+                   help=f"longest one fine-tuning request may run, in minutes ({RequestLimits.max_finetune_minutes:g}); "
+                        "also the budget of a request that gives none")
     p.add_argument("--editor-size", type=int, default=1280,
                    help="longest side of the image in the correction editor; larger images are edited on a preview")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -580,17 +617,27 @@ def config_from_args(args: argparse.Namespace) -> WebConfig:
     return cfg
 
 
+def limits_from_args(args: argparse.Namespace) -> RequestLimits:
+    """The per-request caps of the command line; a FineMaskError names a bad one."""
+    for name in ("max_upload_files", "max_finetune_steps", "max_finetune_minutes"):
+        if getattr(args, name) <= 0:
+            raise FineMaskError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    return RequestLimits(max_upload_files=args.max_upload_files, max_upload_bytes=parse_size(args.max_upload_bytes),
+                         max_finetune_steps=args.max_finetune_steps, max_finetune_minutes=args.max_finetune_minutes)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         cfg = config_from_args(args)
+        limits = limits_from_args(args)
         if args.threads:
             import torch
 
             torch.set_num_threads(args.threads)
         print("loading models…", flush=True)
-        demo = build_app(cfg)
+        demo = build_app(cfg, limits=limits)
     except FineMaskError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -603,5 +650,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["CancelFlags", "build_app", "config_from_args", "launch", "main", "parse_args", "release_freed_memory",
-           "served_examples", "user_errors"]
+__all__ = ["CancelFlags", "build_app", "config_from_args", "launch", "limits_from_args", "main", "parse_args",
+           "release_freed_memory", "served_examples", "user_errors"]

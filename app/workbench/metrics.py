@@ -66,13 +66,19 @@ def _pct(value: Any) -> float | None:
     return float(value) if _number(value) else None
 
 
+def _shown(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f}"
+
+
 def metrics_summary(card: ModelCard) -> str:
     """One short line: "mIoU 57.8" for an evaluated card, "mIoU 20.0 → 25.5" for a fine-tuned one."""
     metrics = percent_metrics(card.metrics)
     before, after = metrics.get("before"), metrics.get("after")
     if isinstance(before, Mapping) and isinstance(after, Mapping):
         b, a = _pct(before.get("miou")), _pct(after.get("miou"))
-        return f"mIoU {b:.1f} → {a:.1f}" if b is not None and a is not None else ""
+        if b is None and a is None and not (after.get("pairs") or before.get("pairs")):
+            return ""  # no validation pairs: nothing was scored
+        return f"mIoU {_shown(b)} → {_shown(a)}"  # a score missing from the card shows as n/a
     for value in metrics.values():
         if isinstance(value, Mapping) and _pct(value.get("miou")) is not None:
             return f"mIoU {value['miou']:.1f}"
