@@ -22,9 +22,10 @@ from engine.store import PairRecord, Store
 MAX_CLASSES = 1024
 #: Refiners train on crops of this side.
 REFINE_CROP = 224
-#: Bytes of the feature-affinity blocks (two float32 blocks of ``training.losses.FA_BLOCK_ELEMENTS``
-#: plus their backward recomputation).
-FA_BYTES = 4 * 4 * (1 << 24)
+#: Bytes kept per element of the layers' outputs (float32) while training, in units of 4 bytes:
+#: the activations saved for backward and the gradients alive at the peak. 2 overestimated the
+#: measured peak of camvid crops by about 1.9x per crop, 1 underestimated it.
+ACTIVATION_FACTOR = 1.5
 
 
 def require_labelled_pixels(store: Store, train: Sequence[PairRecord], validation: Sequence[PairRecord],
@@ -78,10 +79,11 @@ def check_memory(job: Any, batch_size: int, device: torch.device | str | None = 
     """Refuse a fine-tuning run whose estimated peak memory does not fit; return the estimate (bytes).
 
     Estimate (``engine.memory_guard`` budget: 80% of free memory, ``$FINEMASK_MEMORY_LIMIT``):
-    weights, gradients and the two Adam moments (4 x the parameters, float32), plus per crop of
-    the (per-process) batch the activations kept for the backward pass (twice the sum of every
-    layer's output, from a probe forward on a small input, scaled by pixels) and the logits at
-    the output size (4 float32 copies: logits, log-softmax and their gradients, per class).
+    weights, gradients and the two Adam moments (4 x the parameters, float32) and the feature-
+    affinity blocks, plus per crop of the (per-process) batch the activations kept for the
+    backward pass (1.5 x the sum of every layer's output, from a probe forward on a small input,
+    scaled by pixels) and the logits at the output size (4 float32 copies: logits, log-softmax and
+    their gradients, per class). ``bench/finetune_memory.py`` compares it with measured peaks.
     ``job`` is a ``SegmentationJob`` (``model``, ``crop``) or ``RefinementJob`` (``model``).
     """
     model: nn.Module = job.model
@@ -94,7 +96,8 @@ def check_memory(job: Any, batch_size: int, device: torch.device | str | None = 
     if crop is not None:  # a DSRL segmenter: input at half the crop, outputs at the crop
         item = segmentation_item_bytes(model, crop)
         classes = int(model.num_classes)
-        fixed += FA_BYTES if getattr(model, "feature_transform", None) is not None else 0
+        if getattr(model, "feature_transform", None) is not None:
+            fixed += feature_affinity_bytes(crop, int(model.config.fa_stride))
         what = f"fine-tuning on {batch} crops of {crop[0]}x{crop[1]} pixels with {classes} classes"
         hint = "try a smaller --crop or --batch-size"
     else:
@@ -123,7 +126,7 @@ def segmentation_item_bytes(model: nn.Module, crop: tuple[int, int]) -> int:
     side = step * max(1, math.ceil(32 / step))
     per_pixel = _kept_per_input_pixel(model, torch.rand(1, 3, side, side))
     h, w = crop
-    activations = 2 * 4 * per_pixel * (h // 2) * (w // 2)
+    activations = ACTIVATION_FACTOR * 4 * per_pixel * (h // 2) * (w // 2)
     logits = 4 * 4 * int(model.num_classes) * h * w
     return int(activations + logits)
 
@@ -132,7 +135,15 @@ def refinement_item_bytes(model: nn.Module) -> int:
     """Training bytes of one refiner crop (image and coarse mask of ``REFINE_CROP`` pixels a side)."""
     side = REFINE_CROP // 2
     per_pixel = _kept_per_input_pixel(model, torch.rand(1, 3, side, side), torch.zeros(1, 1, side, side))
-    return int(2 * 4 * per_pixel * REFINE_CROP * REFINE_CROP)
+    return int(ACTIVATION_FACTOR * 4 * per_pixel * REFINE_CROP * REFINE_CROP)
+
+
+def feature_affinity_bytes(crop: tuple[int, int], stride: int) -> int:
+    """Bytes of the feature-affinity loss's blocks (two float32 row blocks, forward and backward)."""
+    from training.losses import fa_rows_per_block
+
+    n = max(1, crop[0] // stride) * max(1, crop[1] // stride)
+    return 4 * 4 * fa_rows_per_block(n) * n
 
 
 def _kept_per_input_pixel(model: nn.Module, *inputs: torch.Tensor) -> float:
