@@ -4,6 +4,8 @@
     python bench/web_load.py --requests 50 --queue-size 20 --rounds 2
     python bench/web_load.py --refiner FOLDER               # also /refine requests, with this refiner
     python bench/web_load.py --url http://127.0.0.1:7860/ --pid 1234   # a server already running
+    python bench/web_load.py --raw --requests 12 --queue-size 2       # plain HTTP, every route
+    python bench/web_load.py --raw --routes call --auth ann:pw        # a server started with --auth
 
 Without ``--url`` the script starts ``python -m app.web`` on 127.0.0.1 and a free port, with a
 temporary annotation store, and stops it at the end; a ``--url`` must be a loopback address
@@ -22,6 +24,13 @@ sample images (cycled), every ``--models-every``-th one ``/models``, and with ``
 - wrong: answered, but the output failed the check (an output lost);
 - failed: any other error: HTTP 5xx, an error message from the app, a timeout, a dropped
   connection (an output lost).
+
+With ``--raw`` no gradio_client is used: the images are uploaded once (``/gradio_api/upload``),
+then each route of ``--routes`` gets its own burst of plain HTTP POSTs, as curl would send them:
+``/gradio_api/run/<name>`` (the answer in the response; the server refuses it for queued
+functions: HTTP 404 "join the queue"), ``/gradio_api/call/<name>`` (then its event stream) and
+``/gradio_api/queue/join`` (then ``/gradio_api/queue/data``, as the page does). A 503 "Queue is
+full" or a /run refused that way counts as refused; completed + refused must equal sent.
 
 The server's memory is sampled every 0.1 s from /proc/<pid>/status (VmRSS summed over the
 process and its children; VmHWM of the main process) and its log is scanned for tracebacks.
@@ -615,12 +624,14 @@ def _split(total: int, by: dict[str, int]) -> str:
     return f"{total} ({', '.join(f'{k} {v}' for k, v in by.items())})" if by else str(total)
 
 
-def table(rounds: list[RoundReport], settings: dict[str, Any], server_errors: list[str], hwm_mib: float | None) -> str:
-    """A Markdown table: one column per round."""
+def table(rounds: list[RoundReport], settings: dict[str, Any], server_errors: list[str], hwm_mib: float | None,
+          names: list[str] | None = None) -> str:
+    """A Markdown table: one column per round (``names``: the columns' titles, default "round N")."""
     rows = [
         ("requests, all at once", [_split(r.requests, r.by_endpoint) for r in rounds]),
         ("completed, output checked", [_split(r.completed, r.completed_by) for r in rounds]),
-        ("refused by the queue (503 'Queue is full')", [_split(r.refused, r.refused_by) for r in rounds]),
+        ("refused at once (503 'Queue is full'; /run: 404 'join the queue')",
+         [_split(r.refused, r.refused_by) for r in rounds]),
         ("wrong output", [str(r.wrong) for r in rounds]),
         ("failed: 5xx / other", [f"{r.http_5xx} / {r.failed - r.http_5xx}" for r in rounds]),
         ("outputs lost (wrong + failed)", [str(r.lost) for r in rounds]),
@@ -634,7 +645,8 @@ def table(rounds: list[RoundReport], settings: dict[str, Any], server_errors: li
         ("RSS growth (peak - before)", [_fmt(r.rss_growth_mib, " MiB") for r in rounds]),
         ("server answers a /segment after the burst", ["yes" if r.served_after else "NO" for r in rounds]),
     ]
-    head = "| | " + " | ".join(f"round {i + 1}" for i in range(len(rounds))) + " |"
+    names = names or [f"round {i + 1}" for i in range(len(rounds))]
+    head = "| | " + " | ".join(names) + " |"
     lines = ["Settings: " + ", ".join(f"{k} {v}" for k, v in settings.items()), "", head,
              "|---|" + "---|" * len(rounds)]
     lines += [f"| {name} | " + " | ".join(values) + " |" for name, values in rows]
@@ -708,17 +720,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--time-limit", type=float, default=900.0, help="seconds a burst may take (900)")
     p.add_argument("--no-check", action="store_true", help="do not compare answers with direct predictions")
     p.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
+    p.add_argument("--raw", action="store_true",
+                   help="plain HTTP requests (no gradio_client), one burst per route of --routes; images uploaded "
+                        "once before the bursts; /segment and /models only")
+    p.add_argument("--routes", nargs="+", choices=RAW_ROUTES, default=list(RAW_ROUTES),
+                   help="with --raw: POST /gradio_api/run/<name>, /gradio_api/call/<name>, /gradio_api/queue/join")
+    p.add_argument("--auth", metavar="USER:PASSWORD", default=None,
+                   help="log in with this (a server started here gets it as its --auth)")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.url:
-        try:
+    auth = None
+    try:
+        if args.url:
             require_loopback(args.url)
-        except ValueError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+        if args.auth:
+            user, sep, password = args.auth.partition(":")
+            if not (user and sep and password):
+                raise ValueError("--auth must look like user:password")
+            auth = (user, password)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     images = [p.resolve() for p in (args.images or sorted(SAMPLES.glob("*.jpg")))]
     if args.threads:
         import torch
@@ -729,49 +754,75 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check = None
         labels = None
-        if not args.no_check or args.refiner:
+        refiner = args.refiner if not args.raw else None  # the raw mode sends /segment and /models
+        if not args.no_check or refiner:
             print(f"direct predictions of {len(images)} images for the check…", flush=True)
             check = OutputCheck(args.model, args.working_size, images)
-            labels = check.write_labels(work) if args.refiner else None
+            labels = check.write_labels(work) if refiner else None
         if args.url:
             url, pid = require_loopback(args.url), args.pid
         else:
             extra = ["--model", str(args.model), "--store", str(work / "store"), "--queue-size", str(args.queue_size),
                      "--concurrency", str(args.concurrency)]
-            if args.refiner:
-                extra += ["--refiner", str(args.refiner)]
+            if refiner:
+                extra += ["--refiner", str(refiner)]
+            if auth:
+                extra += ["--auth", ":".join(auth)]
             print("starting the server…", flush=True)
             server = ServerProcess(extra, threads=args.threads)
             url, pid = server.url, server.proc.pid
             print(" ".join(server.cmd[1:]), flush=True)
         from gradio_client import Client
 
-        probe = Client(url, verbose=False, analytics_enabled=False, download_files=str(work / "probe"))
+        probe = Client(url, verbose=False, analytics_enabled=False, download_files=str(work / "probe"), auth=auth)
         offered = probe.predict(api_name="/models")  # a folder given here has a key on the server
         model_key = offered["default_model"] if Path(str(args.model)).is_dir() else args.model
-        refiner_key = offered["default_refiner"] if args.refiner and Path(args.refiner).is_dir() else args.refiner
+        refiner_key = offered["default_refiner"] if refiner and Path(refiner).is_dir() else refiner
         if check is not None:
             check.model_key = model_key
         if args.no_check:
             check = None
         plan = plan_requests(args.requests, images, models_every=args.models_every,
-                             refine_every=args.refine_every if args.refiner else 0, labels=labels)
+                             refine_every=args.refine_every if refiner else 0, labels=labels)
         warm = Request(-1, "segment", images[0])
+        raw = RawHttp(url, auth=auth, timeout_s=args.time_limit) if args.raw else None
+        uploaded = dict(zip(images, raw.upload(images))) if raw else {}
+
+        def one_more() -> bool:
+            """One /segment after a burst (by /call in the raw mode): the server still serves."""
+            if raw is not None:
+                kind, payload, _ = raw_call(raw, "call", "segment", [uploaded[images[0]], model_key,
+                                                                      args.working_size or 0])
+                if kind != "answered":
+                    raise RuntimeError(f"{kind}: {payload}")
+                result = (None, raw.download(payload[1], work / "after"), raw.download(payload[2], work / "after"),
+                          None, payload[4])
+            else:
+                result = submit(probe, warm, model_key, args.working_size).result(timeout=args.time_limit)
+            return check is None or not check(warm, result)
+
+        bursts = [(f"/{route} round {i + 1}" if args.rounds > 1 else f"/{route}", route)
+                  for route in args.routes for i in range(args.rounds)] if raw else \
+            [(f"round {i + 1}", None) for i in range(args.rounds)]
         rounds: list[RoundReport] = []
         with RssSampler(pid) if pid else contextlib.nullcontext() as sampler:
-            submit(probe, warm, model_key, args.working_size).result(timeout=args.time_limit)  # models loaded, warm
-            for i in range(args.rounds):
+            one_more()  # models loaded, warm
+            for i, (name, route) in enumerate(bursts):
                 before = sampler.reset() if sampler else None
-                print(f"round {i + 1}: {len(plan)} requests at once…", flush=True)
+                print(f"{name}: {len(plan)} requests at once…", flush=True)
                 t0 = time.monotonic()
-                outcomes = fire(url, plan, model=model_key, working_size=args.working_size, refiner=refiner_key,
-                                check=check, time_limit_s=args.time_limit, download_dir=work / f"round{i}")
+                if route is None:
+                    outcomes = fire(url, plan, model=model_key, working_size=args.working_size, refiner=refiner_key,
+                                    check=check, time_limit_s=args.time_limit, download_dir=work / f"round{i}")
+                else:
+                    outcomes = fire_raw(url, plan, route, model=model_key, uploaded=uploaded, auth=auth,
+                                        working_size=args.working_size, check=check, time_limit_s=args.time_limit,
+                                        download_dir=work / f"round{i}")
                 report = summarise(outcomes, time.monotonic() - t0)
                 if sampler:
                     report.rss_before_mib, report.rss_peak_mib = before, sampler.peak_mib
                 try:
-                    answer = submit(probe, warm, model_key, args.working_size).result(timeout=args.time_limit)
-                    report.served_after = check is None or not check(warm, answer)
+                    report.served_after = one_more()
                 except Exception as exc:  # noqa: BLE001
                     report.served_after = False
                     report.failures.append(f"after the burst: {classify(exc)[1]}")
@@ -781,12 +832,16 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.rmtree(work / f"round{i}", ignore_errors=True)
             hwm = sampler.hwm_mib() if sampler else None
         probe.close()
+        if raw is not None:
+            raw.close()
         errors = server.errors() if server else []
         settings = {"url": url, "model": model_key, "requests": args.requests, "rounds": args.rounds,
+                    "mode": "raw HTTP (" + ", ".join(args.routes) + ")" if args.raw else "gradio_client",
+                    "login": "yes" if auth else "no",
                     "queue size": args.queue_size if server else "(server's)",
                     "server concurrency": args.concurrency if server else "(server's)",
                     "working size": args.working_size or "model's", "images": ", ".join(p.name for p in images)}
-        print(table(rounds, settings, errors, hwm))
+        print(table(rounds, settings, errors, hwm, [name for name, _ in bursts]))
         for r in rounds:
             for line in r.failures[:20]:
                 print("  " + line)
@@ -794,9 +849,11 @@ def main(argv: list[str] | None = None) -> int:
             print("  server: " + line)
         if args.json:
             data = {"settings": settings, "server_vmhwm_mib": hwm, "server_errors": errors,
-                    "rounds": [dict(asdict(r), lost=r.lost, rss_growth_mib=r.rss_growth_mib) for r in rounds]}
+                    "rounds": [dict(asdict(r), name=name, lost=r.lost, rss_growth_mib=r.rss_growth_mib)
+                               for r, (name, _) in zip(rounds, bursts)]}
             args.json.write_text(json.dumps(data, indent=1, default=str))
-        bad = any(r.lost or r.http_5xx or not r.served_after for r in rounds) or bool(errors)
+        bad = any(r.lost or r.http_5xx or not r.served_after or r.completed + r.refused != r.requests
+                  for r in rounds) or bool(errors)
         return 1 if bad else 0
     finally:
         if server is not None:

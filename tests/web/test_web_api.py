@@ -123,11 +123,11 @@ def test_queue_runs_one_job_at_a_time_and_cancel_stops_finetuning(server, tmp_pa
     versions_before = sorted(p.name for p in (bench.store.root / "models").glob("*") if not p.name.startswith("."))
 
     trainer, other = Client(url, verbose=False), Client(url, verbose=False)
-    job = trainer.submit(base="tiny", steps=5000, minutes=0, api_name="/finetune")
+    job = trainer.submit(base="tiny", steps=2000, minutes=0, api_name="/finetune")  # the server's cap
     deadline = time.monotonic() + 60
     while not (job.status().progress_data or job.done()) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not job.done(), "a 5000-step fine-tuning finished before it could be cancelled"
+    assert not job.done(), "a 2000-step fine-tuning finished before it could be cancelled"
 
     # the only job slot is taken: another user's segmentation waits in the queue
     waiting = other.submit(image=handle_file(image), model="tiny", working_size=64, api_name="/segment")
@@ -136,7 +136,7 @@ def test_queue_runs_one_job_at_a_time_and_cancel_stops_finetuning(server, tmp_pa
 
     assert trainer.predict(api_name="/cancel") == {"cancelled": True}
     result = job.result(timeout=60)
-    assert result["finished"] is False and result["name"] is None and result["steps"] < 5000
+    assert result["finished"] is False and result["name"] is None and result["steps"] < 2000
     versions_after = sorted(p.name for p in (bench.store.root / "models").glob("*") if not p.name.startswith("."))
     assert versions_after == versions_before
     # once the slot is free the queued job runs
