@@ -280,7 +280,7 @@ def _check_file(path: Path, suffixes: tuple[str, ...]) -> None:
         os.stat(path)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
-            raise FineMaskError("symlink loop: the link leads back to itself, never to a file", path) from None
+            raise FineMaskError("symlink loop: following its links never reaches a file", path) from None
         if path.is_symlink():
             raise FineMaskError(f"broken symbolic link: its target {os.readlink(path)} does not exist", path) from None
         if exc.errno in (errno.ENOENT, errno.ENOTDIR):
