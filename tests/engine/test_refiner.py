@@ -22,10 +22,10 @@ from engine.refine import (
     GlobalResult,
     RefinementCancelled,
     Refiner,
-    _boundary_pixels,
     coarse_as_global,
     select_tiles,
 )
+from engine.refine.selection import _boundary_pixels
 from engine.tiling import Tile, bilinear_region, tile_grid
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -315,7 +315,7 @@ def test_multiclass_keeps_labels_when_refinement_agrees_and_absent_classes_absen
     echo = MaskEcho()
     out, conf = Refiner.refine_labels(echo, img, labels, return_confidence=True)
     np.testing.assert_array_equal(out, labels)
-    assert len(echo.calls) == 3 and conf.dtype == np.float32
+    assert len(echo.calls) == 2 and conf.dtype == np.float32  # class 0, the largest, is the complement
     # the class-2 crop is its box (30 x 40) grown by 12.5% per side, at least 8 px
     assert (30 + 16, 40 + 2 * 8) in echo.calls
 
@@ -331,21 +331,23 @@ def test_multiclass_with_a_random_model_never_invents_classes():
     assert conf.shape == labels.shape and np.all((conf >= 0) & (conf <= 1))
 
 
-def test_multiclass_low_confidence_keeps_the_coarse_label_unless_probs_say_otherwise():
+def test_multiclass_released_pixels_go_to_a_claimant_else_probs_else_the_complement():
     labels = np.zeros((60, 90), np.uint8)
     labels[10:30, 10:40] = 1
     labels[35:55, 50:80] = 2
     img = np.zeros((60, 90, 3), np.uint8)
-    echo = MaskEcho(weak=True)
-    out = Refiner.refine_labels(echo, img, labels)  # labels only, by default
-    assert isinstance(out, np.ndarray) and out.dtype == labels.dtype
-    np.testing.assert_array_equal(out, labels)  # nothing beats 0.5 where labels would change
-    probs = np.full((3, 60, 90), 0.1, np.float32)
-    out, conf = Refiner.refine_labels(echo, img, labels, probs=probs, return_confidence=True)
-    # coarse confidence 0.1: background's 0.3 takes class 1's weak left half (0.25) ...
-    assert np.all(out[10:30, 10:24] == 0)
-    # ... while the confident right half stays
+    echo = MaskEcho(weak=True)  # class 1 lets its left half go (0.25); nobody claims it (0.3)
+    out, conf = Refiner.refine_labels(echo, img, labels, return_confidence=True)
+    assert out.dtype == labels.dtype
+    assert np.all(out[10:30, 10:24] == 0)  # no probs: the complement (largest class) takes it
     assert np.all(out[10:30, 26:40] == 1) and np.all(conf[10:30, 26:40] == np.float32(0.9))
+    assert np.all(out[35:55, 50:64] == 0) and np.all(out[35:55, 66:80] == 2)  # the same for class 2
+    probs = np.zeros((3, 60, 90), np.float32)
+    probs[2] = 0.6  # the segmenter's second choice everywhere: class 2
+    probs[1] = 0.9
+    out = Refiner.refine_labels(echo, img, labels, probs=probs)
+    assert np.all(out[10:30, 10:24] == 2) and np.all(out[10:30, 26:40] == 1)
+    assert np.all(out[35:55, 50:64] == 1)  # class 2 let go: the next most probable is class 1
     assert set(np.unique(out)) <= {0, 1, 2}
 
 
@@ -440,6 +442,6 @@ def test_multiclass_ignore_index_is_not_refined_and_works_with_probs():
     probs = np.full((2, 50, 70), 0.6, np.float16)
     echo = MaskEcho()
     out = Refiner.refine_labels(echo, np.zeros((50, 70, 3), np.uint8), labels, probs, ignore_index=255)
-    assert len(echo.calls) == 2  # classes 0 and 1; 255 is no class
-    np.testing.assert_array_equal(out[:40], labels[:40])
+    assert len(echo.calls) == 1  # class 1; 0 is the complement and 255 no class
+    np.testing.assert_array_equal(out, labels)
     assert set(np.unique(out)) <= {0, 1, 255}

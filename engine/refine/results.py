@@ -1,0 +1,70 @@
+"""What the two steps hand over: the global step's result (``GlobalResult``) and run statistics."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..tiling import Tile, bilinear_region
+
+@dataclass
+class RefineStats:
+    """What the last ``refine`` call did (for benchmarks and logs). Times in seconds."""
+
+    global_seconds: float = 0.0
+    local_seconds: float = 0.0
+    tiles_total: int = 0
+    tiles_processed: int = 0
+    batch_size: int = 0
+    selection: str = ""
+    processed: list[Tile] = field(default_factory=list)
+
+
+@dataclass
+class GlobalResult:
+    """Output of the global step at the reduced size (gh, gw): float32 CPU tensors in [0, 1].
+
+    ``coarse_as_global`` puts the coarse mask itself here instead, as uint8 0/1 at full resolution:
+    then ``origin`` is set, and the maps are the window of the full-size map starting there
+    (``window`` cuts one, so a cluster task gets only the rows and columns its tiles read).
+    """
+
+    os1: torch.Tensor
+    os4: torch.Tensor
+    full_shape: tuple[int, int]
+    origin: tuple[int, int] | None = None
+
+    def window(self, rows: tuple[int, int], cols: tuple[int, int]) -> GlobalResult:
+        """The full-resolution window ``rows`` x ``cols`` (full-image coordinates) of this result."""
+        if self.origin is None:
+            raise ValueError("only a full-resolution result (origin set) has windows")
+        (r0, r1), (c0, c1), (oy, ox) = rows, cols, self.origin
+        # copies, not views: a pickled view would carry the whole full-size storage
+        part = self.os1[r0 - oy:r1 - oy, c0 - ox:c1 - ox].clone()
+        os4 = part if self.os4 is self.os1 else self.os4[r0 - oy:r1 - oy, c0 - ox:c1 - ox].clone()
+        return GlobalResult(part, os4, self.full_shape, (r0, c0))
+
+    def full_rows(self, r0: int, r1: int, which: str = "os1") -> np.ndarray:
+        """Rows [r0, r1) of the map resized to the full image (bilinear), float32 (r1-r0, W)."""
+        return self._resized(which, (r0, r1), (0, self.full_shape[1])).numpy()
+
+    def region(self, tile: Tile, which: str) -> torch.Tensor:
+        return self._resized(which, (tile.y0, tile.y1), (tile.x0, tile.x1))
+
+    def _resized(self, which: str, rows: tuple[int, int], cols: tuple[int, int]) -> torch.Tensor:
+        low = self.os1 if which == "os1" else self.os4
+        if self.origin is not None:  # full resolution already: a plain slice
+            (r0, r1), (c0, c1), (oy, ox) = rows, cols, self.origin
+            if r0 < oy or c0 < ox or r1 - oy > low.shape[0] or c1 - ox > low.shape[1]:
+                raise ValueError(f"rows {rows}, cols {cols} are outside this window")
+            return low[r0 - oy:r1 - oy, c0 - ox:c1 - ox].float()
+        return bilinear_region(low, self.full_shape, rows, cols)
+
+
+
+def coarse_as_global(mask: np.ndarray, binarise: Callable[[np.ndarray], np.ndarray]) -> GlobalResult:
+    """The binarised coarse mask in place of a global result (``skip_global``): full size, uint8 0/1."""
+    fg = torch.from_numpy(binarise(np.asarray(mask)).astype(np.uint8, copy=False))
+    return GlobalResult(os1=fg, os4=fg, full_shape=tuple(fg.shape), origin=(0, 0))
