@@ -43,8 +43,8 @@ def check_output_folder(folder: Path, inputs: Iterable[Path] = ()) -> Path:
         raise FineMaskError("output must be a folder, but it is a file", folder)
     for source in inputs:
         if same_path(folder, source):
-            raise FineMaskError("output folder is the input folder: outputs would replace or mix with the "
-                                "inputs; choose another folder", folder)
+            raise FineMaskError("output folder must differ from the input folder (outputs would replace or mix "
+                                "with the inputs)", folder)
     _check_writable_folder(folder, folder)
     return folder
 

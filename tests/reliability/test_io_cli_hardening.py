@@ -179,7 +179,7 @@ def test_folder_mode_refuses_its_own_folder_and_gives_colliding_stems_distinct_o
         write_image(folder / name, arr)
     before = digest(folder)
     code, _, err = run_cli(capsys, "segment", folder, "-o", folder, "--model", MISSING_MODEL)
-    one_line_error(code, err, "segment", "output folder is the input folder")
+    one_line_error(code, err, "segment", "output folder must differ from the input folder")
     assert digest(folder) == before
 
     out = tmp_path / "out"
