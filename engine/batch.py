@@ -39,7 +39,7 @@ import tifffile
 
 from .atomic import atomic_write_text
 from .checkpoints import resolve
-from .errors import FineMaskError
+from .errors import Cancelled, FineMaskError
 from .huge import (
     HUGE_MAX_PIXELS,
     HUGE_PIXELS,
@@ -54,7 +54,7 @@ from .huge import (
 from .io import IMAGE_SUFFIXES, image_from_array, image_shape, read_image, write_labels
 from .model_cache import shared_models
 from .pipeline import refine_mode, segment_image
-from .refine import SELECTIONS, GlobalResult, RefinementCancelled
+from .refine import SELECTIONS, GlobalResult
 from .tiling import Tile
 
 if TYPE_CHECKING:
@@ -439,7 +439,7 @@ def _run_huge(client: Any, job: Job, config: BatchConfig, tile_batch: int, windo
                     on_progress=progress, cancel=cancel)
         write_labels(job.output, labels, palette=palette)
         return _row(job.name, "done", seconds=time.perf_counter() - t0)
-    except RefinementCancelled:
+    except Cancelled:
         raise
     except Exception as exc:  # noqa: BLE001 - one bad image does not stop the batch
         return _row(job.name, "failed", _error_text(exc, job.source), time.perf_counter() - t0)
@@ -571,7 +571,7 @@ def _run_jobs(client: Any, todo: list[tuple[Job, tuple[int, int]]], config: Batc
             return
         try:
             row = _run_huge(client, job, config, tile_batch, window, message, cancel)
-        except RefinementCancelled:
+        except Cancelled:
             return
         record(row, f"{job.name}: {row['status']}")
 

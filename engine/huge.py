@@ -30,26 +30,11 @@ import numpy as np
 import tifffile
 import torch
 
-from .errors import FineMaskError
+from .errors import Cancelled, FineMaskError
 from .io import image_shape, max_pixels_limit
 from .preprocess import fit_longer_side, resize, to_tensor, upsample_rows
-from .refine import (
-    TILE_MARGIN,
-    GlobalResult,
-    RefinementCancelled,
-    Refiner,
-    arbitrate_classes,
-    coarse_as_global,
-    select_tiles,
-)
-from .tiling import (
-    STRIP_ROWS,
-    Tile,
-    TileAccumulator,
-    area_resize,
-    max_overlap,
-    tile_grid,
-)
+from .refine import GlobalResult, Refiner, arbitrate_classes, coarse_as_global
+from .tiling import STRIP_ROWS, Tile, area_resize
 
 ProgressFn = Callable[[int, int, str], None]
 CancelFn = Callable[[], bool]
@@ -362,7 +347,7 @@ def refine_labels_tiled(image: Any, labels: np.ndarray, probs: Any, refiner: Ref
     The class loop, bounding boxes and arbitration are ``Refiner.refine_labels``' own
     (``engine.refine.arbitrate_classes``); each class's local step goes through ``run_tiles``
     (default: in-process) in fixed batches of ``batch_size`` tiles. ``skip_global``: as
-    ``Refiner.refine``. Returns labels like ``labels``. Raises ``RefinementCancelled``.
+    ``Refiner.refine``. Returns labels like ``labels``. Raises ``engine.errors.Cancelled``.
     """
     if L < 96:
         raise ValueError(f"L must be at least 96, got {L}")
@@ -400,31 +385,14 @@ def _refine_box(image: Any, box: Box, mask: np.ndarray, refiner: Refiner, *, L: 
     if fast:
         on_progress(1, 1, "done")
         return refiner.upsample_global(glob)
-    tiles = tile_grid(h, w, L, margin=TILE_MARGIN)
-    chosen = select_tiles(tiles, glob, selection, core_margin=L // 8)
-    batches = [chosen[b:b + batch_size] for b in range(0, len(chosen), batch_size)]
-    acc = TileAccumulator(h, w, max_overlap(tiles))
-    total = len(chosen) + 1
-    on_progress(1, total, f"local step: {len(chosen)} of {len(tiles)} tiles")
-    done = 0
-    results = iter(run_tiles(box, glob, batches))
-    try:
-        for batch in batches:  # blended in grid order, as Refiner.local_step does
-            _check_cancel(cancel)
-            for t, p in zip(batch, next(results)):
-                acc.add(t, p)
-            done += len(batch)
-            on_progress(1 + done, total, "local step")
-    finally:
-        close = getattr(results, "close", None)
-        if close is not None:
-            close()
-    return acc.finish(fallback=glob.full_rows)
+    return refiner.local_step(crop_of(image, box), glob, L, selection=selection, batch_size=batch_size,
+                              on_progress=on_progress, cancel=cancel,
+                              run_batches=lambda batches: run_tiles(box, glob, batches))
 
 
 def _check_cancel(cancel: CancelFn | None) -> None:
     if cancel is not None and cancel():
-        raise RefinementCancelled("refinement cancelled")
+        raise Cancelled("refinement cancelled")
 
 
 __all__ = ["HUGE_MAX_PIXELS", "HUGE_PIXELS", "CoarseSegmentation", "ImageCrop", "LazyImage", "LazyProbs",

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,8 @@ from .selection import SELECTIONS, select_tiles
 
 ProgressFn = Callable[[int, int, str], None]
 CancelFn = Callable[[], bool]
+#: ``run_batches(tile batches) -> one (n, th, tw) float32 prediction per batch, in order``.
+BatchRunner = Callable[[list[list[Tile]]], Iterable[np.ndarray]]
 
 PRECISIONS = ("auto", "float32", "bfloat16")
 TILE_MARGIN = 16
@@ -214,10 +216,16 @@ class Refiner:
         return GlobalResult(os1=os1, os4=os4, full_shape=(H, W))
 
     @torch.inference_mode()
-    def local_step(self, image: np.ndarray, glob: GlobalResult, L: int, *, selection: str = "cover",
+    def local_step(self, image: Any, glob: GlobalResult, L: int, *, selection: str = "cover",
                    batch_size: int | None = None, on_progress: ProgressFn | None = None,
-                   cancel: CancelFn | None = None) -> np.ndarray:
-        """Passes 2 and 3 on full-resolution tiles, blended into a float32 (H, W) map."""
+                   cancel: CancelFn | None = None, run_batches: BatchRunner | None = None) -> np.ndarray:
+        """Passes 2 and 3 on full-resolution tiles, blended into a float32 (H, W) map.
+
+        ``run_batches(batches) -> one (n, th, tw) prediction per batch, in order`` runs the tile
+        batches somewhere else (``engine.batch`` sends them to a Dask cluster); by default they run
+        here with ``predict_tiles``. Batches are blended in grid order either way, so the result
+        is the same for the same ``batch_size``.
+        """
         H, W = glob.full_shape
         tiles = tile_grid(H, W, L, margin=TILE_MARGIN)
         chosen = select_tiles(tiles, glob, selection, core_margin=L // 8)
@@ -226,17 +234,28 @@ class Refiner:
         th, tw = min(L, H), min(L, W)
         bs = batch_size or self.adaptive_batch_size(th, tw)
         self.stats.batch_size = bs
+        batches = [chosen[b:b + bs] for b in range(0, len(chosen), bs)]
+        if run_batches is None:
+            results: Iterator[np.ndarray] = (self.predict_tiles(image, glob, batch) for batch in batches)
+        else:
+            results = iter(run_batches(batches))
         acc = TileAccumulator(H, W, max_overlap(tiles))
         total = len(chosen) + 1
         if on_progress:
             on_progress(1, total, f"local step: {len(chosen)} of {len(tiles)} tiles")
-        for b0 in range(0, len(chosen), bs):
-            _check_cancel(cancel)
-            batch = chosen[b0:b0 + bs]
-            for t, p in zip(batch, self.predict_tiles(image, glob, batch)):
-                acc.add(t, p)
-            if on_progress:
-                on_progress(1 + b0 + len(batch), total, "local step")
+        done = 0
+        try:
+            for batch in batches:
+                _check_cancel(cancel)
+                for t, p in zip(batch, next(results)):
+                    acc.add(t, p)
+                done += len(batch)
+                if on_progress:
+                    on_progress(1 + done, total, "local step")
+        finally:
+            close = getattr(results, "close", None)
+            if close is not None:
+                close()
         return acc.finish(fallback=glob.full_rows)
 
     @torch.inference_mode()
