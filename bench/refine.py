@@ -4,6 +4,7 @@
     python bench/refine.py --backbones light resnet50 --selections fraction boundary cover
     python bench/refine.py --dataset idrid:hard_exudates:IDRiD_03 --threads 1
     python bench/refine.py --reference-src DIR               # also time hkchengrex/CascadePSP
+    python bench/refine.py --labels IDRiD_45 --modes local full  # a 6-class 4K label map (refine_labels)
 
 Every configuration runs in a fresh subprocess, so "peak RSS" is that run's whole process
 (Python, torch, the input arrays and the refinement). Data is read from ../shared/data when asked
@@ -172,6 +173,46 @@ def run_child(cfg: dict) -> dict:
     return result
 
 
+def run_labels_child(cfg: dict) -> dict:
+    """``Refiner.refine_labels`` of the shipped ``idrid`` segmenter's labels, with the shipped refiner."""
+    import torch
+
+    from engine.refine import Refiner
+    from engine.refine_modes import mode_options
+
+    data = np.load(cfg["data"])
+    img, labels, probs = data["image"], data["labels"], data["probs"]
+    ref = Refiner.from_pretrained(cfg["weights"] or "refine-light", num_threads=cfg["threads"] or None)
+    base = current_rss()
+    t0 = time.perf_counter()
+    ref.refine_labels(img, labels, probs, L=cfg["L"], **mode_options(cfg["mode"]))
+    return {"total_s": time.perf_counter() - t0, "peak_rss": peak_rss(), "base_rss": base,
+            "threads": torch.get_num_threads()}
+
+
+def bench_labels(args: argparse.Namespace) -> None:
+    """Time and peak memory of refining a multi-class 4K label map, per mode."""
+    from engine.io import read_image
+    from engine.segment import Segmenter
+
+    image = (read_image(DATA / "idrid" / "images" / f"{args.labels}.jpg") * 255 + 0.5).astype(np.uint8)
+    seg = Segmenter.from_pretrained("idrid").predict(image)
+    classes = int((np.bincount(seg.labels.ravel()) > 0).sum())
+    print(f"# IDRiD {args.labels} {image.shape[1]}x{image.shape[0]}, {classes} classes from the idrid segmenter; "
+          f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}\n# command: python bench/refine.py "
+          f"{' '.join(sys.argv[1:])}")
+    with tempfile.TemporaryDirectory() as tmp:
+        npz = Path(tmp) / "labels.npz"
+        np.savez(npz, image=image, labels=seg.labels, probs=seg.probs)
+        for mode in args.modes:
+            load = os.getloadavg()[0]
+            r = spawn({"labels": True, "data": str(npz), "mode": mode, "L": args.L, "threads": args.threads[0],
+                       "weights": args.weights})
+            print(f"{mode:6s}: {r['total_s']:.1f} s, peak RSS {r['peak_rss'] / 2**30:.2f} GiB "
+                  f"(before refining {r['base_rss'] / 2**30:.2f}), threads {r['threads']}, "
+                  f"load {load:.1f}->{os.getloadavg()[0]:.1f}", flush=True)
+
+
 def run_reference_child(cfg: dict) -> dict:
     """Time the public reference implementation (same random weights) on the same input."""
     import torch
@@ -271,11 +312,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reference-tiles", type=int, default=1, help="reference tiles to time (averaged)")
     p.add_argument("--no-oracle", action="store_true", help="skip the oracle scores (slow beyond 8K)")
     p.add_argument("--json", type=Path, default=None, help="also write all results here")
+    p.add_argument("--labels", default=None, metavar="IDRID_NAME",
+                   help="refine the idrid segmenter's label map of this IDRiD image (e.g. IDRiD_45)")
+    p.add_argument("--modes", nargs="+", default=["local", "fast", "full"], help="with --labels")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         cfg = json.loads(args.child)
-        print(json.dumps(run_reference_child(cfg) if cfg.get("reference") else run_child(cfg)))
+        child = run_reference_child if cfg.get("reference") else run_labels_child if cfg.get("labels") else run_child
+        print(json.dumps(child(cfg)))
+        return 0
+    if args.labels:
+        bench_labels(args)
         return 0
 
     size = tuple(int(v) for v in args.size.lower().split("x"))

@@ -16,6 +16,9 @@ REFINE_MODES: dict[str, dict[str, bool]] = {
     "local": {"fast": False, "skip_global": True},
 }
 
+#: The mode every front end starts with.
+DEFAULT_MODE = "full"
+
 #: One line per mode, for help texts.
 MODE_HELP = {
     "full": "global step at reduced size, then full-resolution tiles",
