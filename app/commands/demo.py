@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +25,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from engine.installed import default_refiner
-    from engine.segment import Segmenter
+    from engine.model_cache import shared_models
+    from engine.pipeline import segment_image
 
     args.refiner = args.refiner or default_refiner()
     from app.commands.outputs import check_output_file, check_output_folder
@@ -36,21 +36,20 @@ def run(args: argparse.Namespace) -> int:
         check_output_file(args.output / name, [args.image], ())
     image = read_image(args.image)
     print(f"image: {args.image} ({image.shape[1]}x{image.shape[0]})")
-    segmenter = Segmenter.from_pretrained(args.model)
-    t0 = time.perf_counter()
-    result = segmenter.predict(image)
-    print(f"segmented with '{args.model}' at working size {result.working_size[1]}x{result.working_size[0]} "
-          f"in {time.perf_counter() - t0:.2f} s")
-    labels = result.labels
+    models = shared_models()  # the per-image pipeline and model cache of every front end
+    segmenter = models.segmenter(args.model)
+    installed = args.refiner in available_models() or Path(args.refiner).is_dir()
+    result = segment_image(segmenter, image, refiner=models.refiner(args.refiner) if installed else None)
+    working = result.segmentation.working_size
+    print(f"segmented with '{args.model}' at working size {working[1]}x{working[0]} "
+          f"in {result.seconds['segment']:.2f} s")
+    labels = result.segmentation.labels
     out = args.output
     write_labels(out / "labels.tif", labels, palette=segmenter.palette)
     write_image(out / "overlay.png", overlay(image, labels, segmenter.palette))
-    if args.refiner in available_models() or Path(args.refiner).is_dir():
-        from engine.refine import Refiner
-
-        t0 = time.perf_counter()
-        labels = Refiner.from_pretrained(args.refiner).refine_labels(image, labels, result.probs)
-        print(f"refined with '{args.refiner}' in {time.perf_counter() - t0:.2f} s")
+    if result.refined:
+        labels = result.labels
+        print(f"refined with '{args.refiner}' in {result.seconds['refine']:.2f} s")
         write_labels(out / "refined.tif", labels, palette=segmenter.palette)
         write_image(out / "refined_overlay.png", overlay(image, labels, segmenter.palette))
     else:

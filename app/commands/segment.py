@@ -28,25 +28,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from engine.segment import Segmenter
+    from engine.model_cache import shared_models
+    from engine.pipeline import refine_mode, segment_image
 
     jobs = _jobs(args.image, args.output)
-    segmenter = Segmenter.from_pretrained(args.model)
+    models = shared_models()  # the per-image pipeline and model cache of napari, the web app and batch
+    segmenter = models.segmenter(args.model)
     refiner = None
     if args.refine:
         from engine.installed import default_refiner
-        from engine.refine import Refiner
 
-        refiner = Refiner.from_pretrained(args.refiner or default_refiner())
+        refiner = models.refiner(args.refiner or default_refiner())
+    mode = refine_mode(args.fast, args.skip_global)
     failed = 0
     for src, dst in tqdm(jobs, desc="segment", unit="image", disable=len(jobs) == 1):
         try:
             image = read_image(src)
-            result = segmenter.predict(image, args.working_size)
-            labels = result.labels
-            if refiner is not None:
-                labels = refiner.refine_labels(image, labels, result.probs, fast=args.fast,
-                                               skip_global=args.skip_global)
+            labels = segment_image(segmenter, image, working_size=args.working_size, refiner=refiner,
+                                   mode=mode).labels
             write_labels(dst, labels, palette=segmenter.palette)
         except FineMaskError as exc:
             if len(jobs) == 1:

@@ -130,6 +130,7 @@ class FineMaskWidget(QScrollArea):
         self.segment_button = PushButton(text="Segment")
         # Refine
         self.labels_choice = ComboBox(label="Labels", choices=self._labels_layers, nullable=True)
+        # "full" by default (the user's own machine); the web app defaults to "fast" (a shared server)
         self.refine_mode = RadioButtons(label="Mode", choices=list(REFINE_MODES), value="full",
                                         orientation="horizontal",
                                         tooltip="\n".join(f"{k}: {v}" for k, v in MODE_HELP.items()))

@@ -5,9 +5,10 @@ and tabs for the result (overlay and class legend), the uncertainty map, the bef
 slider, the correction editor (save to the annotation store) and fine-tuning. Labels are
 offered for download as TIFF and palette PNG.
 
-API (``gradio_client``): named endpoints ``/segment``, ``/refine``, ``/save``, ``/finetune``,
-``/cancel`` and ``/models`` take files and plain values, no session state; the page's own
-events are private. Every endpoint and button calls the same :class:`~app.web.session.Workbench`.
+API (``gradio_client``): named endpoints ``/segment``, ``/refine``, ``/save``, ``/undo``,
+``/finetune``, ``/cancel`` and ``/models`` take files and plain values, no session state; the
+page's own events are private. Every endpoint and button calls the same
+:class:`~app.web.session.Workbench`, whose jobs are ``app.workbench``'s (napari runs the same).
 
 All model work shares one concurrency group (``--concurrency``, default 1), so however many
 people use the page, at most that many jobs hold memory at once; the rest wait in a queue of at
@@ -38,6 +39,7 @@ import gradio as gr
 import numpy as np
 from starlette.middleware import Middleware
 
+from app.workbench import FinetuneCancelled
 from engine.errors import Cancelled, FineMaskError
 from engine.installed import default_refiner
 from engine.refine_modes import MODE_HELP, REFINE_MODES
@@ -263,15 +265,24 @@ def build_app(config: WebConfig | None = None, *, model: str | Path | None = Non
         return views(work, f"{note}saved as pair `{record.id}` ({record.split}, {record.origin}{version}).")
 
     @user_errors
+    def on_undo(work: Work | None, request: gr.Request, progress: gr.Progress = gr.Progress()):
+        work = need_image(work)
+        record = bench.undo(work, _reporter(progress), flags.start(_session(request)))
+        gr.Info(f"'{record.id}' is back to its previous labels in the annotation store.")
+        return views(work, f"Last save undone: pair `{record.id}` is back to its previous labels "
+                           f"({record.origin}).")
+
+    @user_errors
     def on_finetune(base: str, steps: float, minutes: float, request: gr.Request,
                     progress: gr.Progress = gr.Progress()):
-        result = bench.finetune(base, *budget(steps, minutes), _reporter(progress),
-                                flags.start(_session(request)))
-        text = metrics_markdown(result.before, result.after, result.name)
-        if result.finished:
+        try:
+            result = bench.finetune(base, *budget(steps, minutes), _reporter(progress),
+                                    flags.start(_session(request)))
+            text = metrics_markdown(result.before, result.after, result.name)
             gr.Info(f"New model version '{result.name}' is ready in the model list.")
-        else:
-            gr.Warning("Fine-tuning cancelled; starting it again with the same settings resumes it.")
+        except FinetuneCancelled as exc:
+            text = f"*{str(exc).capitalize()}.*"
+            gr.Warning(text.strip("*"))
         return (text, gr.Dropdown(choices=bench.model_choices("segmentation")),
                 gr.Dropdown(choices=bench.model_choices("refinement")), gr.Dropdown(choices=all_choices()))
 
@@ -335,10 +346,24 @@ def build_app(config: WebConfig | None = None, *, model: str | Path | None = Non
     def api_finetune(base: str, steps: float, minutes: float, request: gr.Request,
                      progress: gr.Progress = gr.Progress()):
         """Fine-tune a model on the store. Returns the new version's name and before/after scores."""
-        result = bench.finetune(base or None, *budget(steps, minutes),
-                                _reporter(progress), flags.start(_session(request)))
+        started = time.perf_counter()
+        try:
+            result = bench.finetune(base or None, *budget(steps, minutes),
+                                    _reporter(progress), flags.start(_session(request)))
+        except FinetuneCancelled as exc:  # the API's answer for a cancelled run (no version written)
+            return {"name": None, "finished": False, "steps": exc.steps, "before": exc.before, "after": {},
+                    "seconds": round(time.perf_counter() - started, 1)}
         return {"name": result.name, "finished": result.finished, "steps": result.steps,
                 "before": result.before, "after": result.after, "seconds": round(result.seconds, 1)}
+
+    @user_errors
+    def api_undo(pair_id: str, request: gr.Request, progress: gr.Progress = gr.Progress()):
+        """Undo the last save of a store pair (the id /save returned). Returns the pair's record."""
+        if not pair_id:
+            raise FineMaskError("no pair id given: use the pair_id that /save returned")
+        record = bench.undo_pair(pair_id, _reporter(progress), flags.start(_session(request)))
+        return {"pair_id": record.id, "split": record.split, "origin": record.origin,
+                "versions_left": record.history_length, "store": str(bench.store.root)}
 
     def api_cancel(request: gr.Request):
         """Cancel this client's running job at its next step."""
@@ -404,6 +429,7 @@ def build_app(config: WebConfig | None = None, *, model: str | Path | None = Non
                         with gr.Row():
                             apply_btn = gr.Button("Apply correction", elem_id="apply-btn")
                             save_btn = gr.Button("Save to store", variant="primary", elem_id="save-btn")
+                            undo_btn = gr.Button("Undo last save", elem_id="undo-btn")
                     with gr.Tab("Fine-tune", id="finetune"):
                         base_dd = gr.Dropdown(all_choices(), value=bench.default_model, label="Base model",
                                               elem_id="ft-base")
@@ -438,6 +464,7 @@ def build_app(config: WebConfig | None = None, *, model: str | Path | None = Non
         refine_btn.click(with_editor_legend(on_refine), [work_state, refiner_dd, mode], outs, **engine)
         apply_btn.click(with_editor_legend(on_apply), [work_state, editor], outs, **engine)
         save_btn.click(with_editor_legend(on_save), [work_state, editor], outs, **engine)
+        undo_btn.click(with_editor_legend(on_undo), [work_state], outs, **engine)
         cancel_btn.click(on_cancel, None, None, queue=False, api_visibility="private")
         ft_cancel.click(on_cancel, None, None, queue=False, api_visibility="private")
         model_dd.change(on_model, [model_dd], [size], queue=False, api_visibility="private")
@@ -451,6 +478,7 @@ def build_app(config: WebConfig | None = None, *, model: str | Path | None = Non
             a_refiner = gr.Textbox("", label="refiner")
             a_mode = gr.Textbox("fast", label="mode")
             a_origin = gr.Textbox("corrected", label="origin")
+            a_pair = gr.Textbox("", label="pair_id")
             a_size = gr.Number(0, label="working_size")
             a_steps = gr.Number(0, label="steps")
             a_minutes = gr.Number(0, label="minutes")
@@ -466,6 +494,7 @@ def build_app(config: WebConfig | None = None, *, model: str | Path | None = Non
         a_button.click(api_refine, [a_image, a_labels, a_mode, a_refiner, a_model], results, api_name="refine", **api)
         a_button.click(api_save, [a_image, a_labels, a_model, a_origin], a_info, api_name="save", **api)
         a_button.click(api_finetune, [a_model, a_steps, a_minutes], a_info, api_name="finetune", **api)
+        a_button.click(api_undo, [a_pair], a_info, api_name="undo", **api)
         a_button.click(api_cancel, None, a_info, api_name="cancel", queue=False)
         a_button.click(api_models, None, a_info, api_name="models", queue=False)
 

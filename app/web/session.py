@@ -271,7 +271,11 @@ class Workbench:
 
     def refine(self, work: Work, refiner: str | None = None, mode: str = "fast",
                on_progress: ProgressFn | None = None, cancel: CancelFn | None = None) -> Work:
-        """Refine the current labels at full resolution (``mode``: see ``engine.refine_modes``)."""
+        """Refine the current labels at full resolution (``mode``: see ``engine.refine_modes``).
+
+        "fast" by default here (the page and the API), "full" in napari: one server answers many
+        users, so its default is the quick global step; napari runs on its user's own machine.
+        """
         if work.labels is None:
             raise FineMaskError("nothing to refine yet: segment the image (or load labels) first")
         model = self.refiner_for(refiner)

@@ -7,7 +7,7 @@ from app.cli import main
 from engine.checkpoints import read_card
 from engine.io import write_image, write_labels
 from engine.store import Store
-from training.finetune import list_versions
+from engine.versions import list_versions
 from training.tiny import make_tiny_segmenter
 
 

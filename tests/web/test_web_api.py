@@ -83,6 +83,15 @@ def test_segment_refine_save_finetune_download(server, client, tmp_path, monkeyp
     # saving the same image again updates its pair instead of adding a second one
     again = client.predict(image=handle_file(image), labels=handle_file(tmp_path / "edited.tif"), api_name="/save")
     assert again["pair_id"] == saved["pair_id"] and again["pairs"] == saved["pairs"]
+    # undo of the last save (/undo with the id /save returned): the pair goes back one version
+    worse = edited.copy()
+    worse[:5] = 1
+    write_labels(tmp_path / "worse.tif", worse)
+    client.predict(image=handle_file(image), labels=handle_file(tmp_path / "worse.tif"), api_name="/save")
+    np.testing.assert_array_equal(store.load(saved["pair_id"])[1], worse)
+    undone = client.predict(pair_id=saved["pair_id"], api_name="/undo")
+    assert undone["pair_id"] == saved["pair_id"] and undone["versions_left"] == 1
+    np.testing.assert_array_equal(store.load(saved["pair_id"])[1], edited)
 
     # two more pairs so that the store has training pairs (splits follow the image hash)
     for seed in (1, 2, 3):
@@ -203,6 +212,19 @@ def test_page_handlers_apply_edits_save_and_list_new_versions(server, tmp_path):
     np.testing.assert_array_equal(stored, work.labels)
     files = outputs[6]
     np.testing.assert_array_equal(read_labels(files[0]), work.labels)
+
+    # paint and save again, then Undo last save: the labels and the stored pair go back
+    first_saved = work.labels.copy()
+    layer[:] = 0
+    layer[30:40, 40:60] = (*colour, 255)
+    work = page_handler(demo, "on_save")(work, {"background": None, "layers": [layer], "composite": None},
+                                         FakeRequest())[0]
+    assert (bench.store.load("page")[1][30:40, 40:60] == 2).all()
+    outputs = page_handler(demo, "on_undo")(work, FakeRequest())
+    work = outputs[0]
+    np.testing.assert_array_equal(work.labels, first_saved)
+    np.testing.assert_array_equal(bench.store.load("page")[1], first_saved)
+    assert "Last save undone" in outputs[7]
 
     # fine-tune from the page: the model lists offer the new version
     while not bench.store.pairs("train"):
