@@ -6,8 +6,10 @@ import argparse
 
 from engine.errors import FineMaskError
 
-#: Options counting threads or processes: attribute name -> option as typed.
-COUNT_OPTIONS = {"threads": "--threads", "workers": "--workers", "threads_per_worker": "--threads-per-worker"}
+#: Options counting threads or processes: attribute name -> (option as typed, smallest value).
+#: ``finemask train --workers 0`` (data loading in the main process) is valid; a cluster needs 1.
+COUNT_OPTIONS = {"threads": ("--threads", 1), "workers": ("--workers", 0),
+                 "threads_per_worker": ("--threads-per-worker", 1)}
 
 
 def check_options(args: argparse.Namespace) -> None:
@@ -16,10 +18,12 @@ def check_options(args: argparse.Namespace) -> None:
     The device is checked on this machine unless the work runs on a remote cluster
     (``--scheduler``), whose workers may have GPUs this machine lacks (only its spelling is checked).
     """
-    for attr, option in COUNT_OPTIONS.items():
+    for attr, (option, least) in COUNT_OPTIONS.items():
         value = getattr(args, attr, None)
-        if value is not None and value < 1:
-            raise FineMaskError(f"{option} must be at least 1, got {value}")
+        if attr == "workers" and getattr(args, "command", None) == "batch":
+            least = 1
+        if value is not None and value < least:
+            raise FineMaskError(f"{option} must be at least {least}, got {value}")
     device = getattr(args, "device", None)
     if device is not None:
         check_device(device, local=getattr(args, "scheduler", None) is None)

@@ -60,9 +60,9 @@ from __future__ import annotations
 
 from .classes import ClassPlan, arbitrate, arbitrate_classes, class_counts, enlarged_bboxes, plan_classes
 from .inputs import global_size
-from .refiner import PRECISIONS, TILE_MARGIN, RefinementCancelled, Refiner, cpu_has_bf16
+from .refiner import PRECISIONS, RefinementCancelled, Refiner, cpu_has_bf16
 from .results import GlobalResult, RefineStats, coarse_as_global
-from .selection import SELECTIONS, select_tiles
+from .selection import SELECTIONS, TILE_MARGIN, select_tiles
 
 __all__ = ["PRECISIONS", "SELECTIONS", "TILE_MARGIN", "ClassPlan", "GlobalResult", "RefineStats", "RefinementCancelled",
            "Refiner", "arbitrate", "arbitrate_classes", "class_counts", "coarse_as_global", "cpu_has_bf16",

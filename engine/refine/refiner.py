@@ -17,11 +17,12 @@ from ..errors import Cancelled, FineMaskError
 from ..memory_guard import activation_bytes_per_pixel, plan_batch
 from ..models.refine import RefinementModule, RefinerConfig, fuse_for_inference, normalise_image
 from ..tiling import STRIP_ROWS, Tile, TileAccumulator, area_resize, max_overlap, reuse_freed_memory, tile_grid
-from .classes import arbitrate_classes
+from .classes import plan_classes
+from .labels import refine_label_map
 from .inputs import check_image, global_size, mask_binariser, pad8, unit_rgb
 from .loading import ARCHITECTURE, load_module, load_official
 from .results import GlobalResult, RefineStats, coarse_as_global
-from .selection import SELECTIONS, select_tiles
+from .selection import SELECTIONS, TILE_MARGIN, select_tiles
 
 ProgressFn = Callable[[int, int, str], None]
 CancelFn = Callable[[], bool]
@@ -29,7 +30,6 @@ CancelFn = Callable[[], bool]
 BatchRunner = Callable[[list[list[Tile]]], Iterable[np.ndarray]]
 
 PRECISIONS = ("auto", "float32", "bfloat16")
-TILE_MARGIN = 16
 
 #: Kept as a name for old imports; refinement raises ``engine.errors.Cancelled``.
 RefinementCancelled = Cancelled
@@ -173,42 +173,64 @@ class Refiner:
             raise FineMaskError(f"probs must be (C, H, W) with (H, W) = {labels.shape}, got {probs.shape}")
         H, W = labels.shape
 
-        def guard(boxes: dict[int, tuple[int, int, int, int]]) -> None:
-            # Memory guard, before any work: the result labels and the arbitration's three maps
-            # (full size), and the largest class box's refinement (result + count + its confidence
-            # map) with one tile.
-            box_area = max((y1 - y0) * (x1 - x0) for (y0, y1, x0, x1) in boxes.values())
-            self.adaptive_batch_size(min(L, H), min(L, W), wanted=1, what=f"refining a {W}x{H} label map",
-                                     fixed_bytes=H * W * (labels.itemsize + 10) + 9 * box_area)
-
-        kwargs = {"fast": fast, "L": L, "cancel": cancel, "selection": selection, "batch_size": batch_size,
-                  "skip_global": skip_global}
-        return arbitrate_classes(
-            labels, probs,
-            lambda box, mask, progress: self.refine(image[box[0]:box[1], box[2]:box[3]], mask,
-                                                    on_progress=progress, **kwargs),
-            ignore_index=ignore_index, on_progress=on_progress, before_work=guard,
-            return_confidence=return_confidence)
+        plan = plan_classes(labels, ignore_index)
+        if probs is not None and plan.classes and max(plan.classes) >= probs.shape[0]:
+            raise FineMaskError(f"labels contain class {max(plan.classes)} but probs has {probs.shape[0]} classes")
+        if not plan.refined:
+            out = labels.copy()
+            return (out, np.ones((H, W), np.float32)) if return_confidence else out
+        selection = selection or self.selection
+        if selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
+        if L < 96:
+            raise ValueError(f"L must be at least 96, got {L}")
+        if fast and skip_global:
+            raise ValueError("fast (global step only) and skip_global (local step only) exclude each other")
+        # Memory guard, before any work: the result labels and the arbitration's three maps (full
+        # size), every refined class's accumulator (sum + count) and mask, and one tile batch.
+        boxes = sum((y1 - y0) * (x1 - x0) for (y0, y1, x0, x1) in (plan.boxes[c] for c in plan.refined))
+        batch_size = self.adaptive_batch_size(min(L, H), min(L, W), wanted=batch_size,
+                                              what=f"refining a {W}x{H} label map",
+                                              fixed_bytes=H * W * (labels.itemsize + 10) + 6 * boxes)
+        self.stats = RefineStats(selection=selection)
+        with torch.inference_mode(), _threads(self.num_threads), \
+                reuse_freed_memory(self.reuse_cpu_memory and self.device.type == "cpu"):
+            return refine_label_map(self, image, labels, probs, plan, fast=fast, L=L, selection=selection,
+                                    batch_size=batch_size, skip_global=skip_global, on_progress=on_progress,
+                                    cancel=cancel, return_confidence=return_confidence)
 
     # ---------------------------------------------------------------- the two steps
 
     @torch.inference_mode()
-    def global_step(self, image: np.ndarray, mask: np.ndarray, binarise: Callable[[np.ndarray], np.ndarray],
-                    L: int) -> GlobalResult:
-        """Three cascade passes on the image resized so its longest side is ``L``."""
+    def global_image(self, image: Any, L: int) -> torch.Tensor:
+        """The global step's image input: resized so its longest side is ``L``, normalised,
+        (1, 3, gh, gw) on the device (area averaging when shrinking, bicubic when enlarging)."""
         H, W = image.shape[:2]
         gh, gw = global_size(H, W, L)
         if max(H, W) > L:
-            rgb = torch.from_numpy(area_resize(image, gh, gw, convert=unit_rgb))
+            rgb = torch.from_numpy(area_resize(image, gh, gw, convert=unit_rgb)).permute(2, 0, 1)[None]
+            return normalise_image(rgb.to(self.device))
+        img = normalise_image(torch.from_numpy(unit_rgb(np.asarray(image))).permute(2, 0, 1)[None].to(self.device))
+        if (gh, gw) != (H, W):
+            img = F.interpolate(img, size=(gh, gw), mode="bicubic", align_corners=False)
+        return img
+
+    @torch.inference_mode()
+    def global_step(self, image: Any, mask: np.ndarray, binarise: Callable[[np.ndarray], np.ndarray],
+                    L: int, *, img: torch.Tensor | None = None) -> GlobalResult:
+        """Three cascade passes on the image resized so its longest side is ``L``.
+
+        ``img``: ``global_image(image, L)`` when already computed (classes sharing a box)."""
+        H, W = image.shape[:2]
+        gh, gw = global_size(H, W, L)
+        if img is None:
+            img = self.global_image(image, L)
+        if max(H, W) > L:
             seg = torch.from_numpy(area_resize(mask, gh, gw, convert=lambda a: binarise(a).astype(np.float64)))
-            rgb, seg = rgb.permute(2, 0, 1)[None], seg[None, None]
-            img = normalise_image(rgb.to(self.device))
-            seg = seg.to(self.device) * 2 - 1
+            seg = seg[None, None].to(self.device) * 2 - 1
         else:
-            img = normalise_image(torch.from_numpy(unit_rgb(image)).permute(2, 0, 1)[None].to(self.device))
             seg = torch.from_numpy(binarise(mask).astype(np.float32))[None, None].to(self.device) * 2 - 1
             if (gh, gw) != (H, W):
-                img = F.interpolate(img, size=(gh, gw), mode="bicubic", align_corners=False)
                 seg = F.interpolate(seg, size=(gh, gw), mode="bilinear", align_corners=False)
         out = self._forward(img, seg)
         os1 = torch.sigmoid(out["pass3_os1"][0, 0, :gh, :gw].float()).cpu()
@@ -266,12 +288,20 @@ class Refiner:
         numpy array, a memory-mapped TIFF, a zarr array), so tiles of a huge image can be read
         and run anywhere (``engine.batch`` spreads them over a Dask cluster).
         """
+        preds = []
+        for t in tiles:  # one forward per batch; image crops normalised one at a time
+            crop = torch.from_numpy(unit_rgb(np.asarray(image[t.crop]))).permute(2, 0, 1)[None]
+            preds.append(normalise_image(crop.to(self.device)))
+        return self.predict_regions(torch.cat(preds), [glob] * len(tiles), tiles)
+
+    @torch.inference_mode()
+    def predict_regions(self, crops: torch.Tensor, globs: list[GlobalResult], tiles: list[Tile]) -> np.ndarray:
+        """Passes 2 and 3 on normalised image crops (n or 1, 3, th, tw): tile ``i`` takes its mask
+        and OS8 estimate from ``globs[i]``; float32 (n, th, tw) in [0, 1]."""
         th, tw = tiles[0].y1 - tiles[0].y0, tiles[0].x1 - tiles[0].x0
-        img = torch.stack([torch.from_numpy(unit_rgb(np.asarray(image[t.crop]))).permute(2, 0, 1)
-                           for t in tiles])
-        seg = torch.stack([(glob.region(t, "os1") > 0.5).float() * 2 - 1 for t in tiles])[:, None]
-        prev = torch.stack([glob.region(t, "os4") * 2 - 1 for t in tiles])[:, None]
-        img = normalise_image(img.to(self.device))
+        seg = torch.stack([(g.region(t, "os1") > 0.5).float() * 2 - 1 for g, t in zip(globs, tiles)])[:, None]
+        prev = torch.stack([g.region(t, "os4") * 2 - 1 for g, t in zip(globs, tiles)])[:, None]
+        img = crops.expand(len(tiles), -1, -1, -1)
         out = self._forward(img, seg.to(self.device), prev.to(self.device))
         return torch.sigmoid(out["pass3_os1"][:, 0, :th, :tw].float()).cpu().numpy()
 

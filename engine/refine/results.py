@@ -20,6 +20,7 @@ class RefineStats:
     batch_size: int = 0
     selection: str = ""
     processed: list[Tile] = field(default_factory=list)
+    crops: int = 0  # image crops read by the local step (``refine_labels`` shares them between classes)
 
 
 @dataclass

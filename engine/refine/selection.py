@@ -8,6 +8,7 @@ from .results import GlobalResult
 
 SELECTIONS = ("fraction", "boundary", "cover", "all")
 FRACTION_RANGE = (0.1, 0.9)
+TILE_MARGIN = 16  # px trimmed from inner tile edges (the reference's)
 
 
 def select_tiles(tiles: list[Tile], glob: GlobalResult, selection: str, core_margin: int = 112) -> list[Tile]:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from engine.refine import Refiner, arbitrate, plan_classes
+from engine.refine import Refiner, arbitrate, arbitrate_classes, plan_classes
 from engine.refine_modes import REFINE_MODES, mode_options
 
 H, W = 2848, 4288  # an IDRiD photo
@@ -25,6 +25,13 @@ def fundus_labels() -> np.ndarray:
     for cy, cx in rng.integers((200, 200), (2600, 4000), (40, 2)):
         labels[cy - 2:cy + 2, cx - 2:cx + 2] = 1
     return labels
+
+
+def per_class(ref, image, labels, probs=None, *, ignore_index=None, return_confidence=False, **kwargs):
+    """The per-class path (``arbitrate_classes``): ``ref.refine`` on each refined class's box."""
+    return arbitrate_classes(
+        labels, probs, lambda box, mask, progress: ref.refine(image[box[0]:box[1], box[2]:box[3]], mask, **kwargs),
+        ignore_index=ignore_index, return_confidence=return_confidence)
 
 
 class SeamStub:
@@ -56,7 +63,7 @@ def test_a_large_object_is_not_cut_along_a_tile_edge_by_another_class():
     labels = fundus_labels()
     image = np.zeros((H, W, 3), np.uint8)
     stub = SeamStub()
-    out = Refiner.refine_labels(stub, image, labels)
+    out = per_class(stub, image, labels)
     # The earlier rule refined the background too, and its 0.99 below the tile edge beat the disc's
     # own 0.9: the disc was cut along row TILE_EDGE and the exudate cluster hollowed out.
     for c in (1, 3, 5):
@@ -108,3 +115,31 @@ def test_the_4k_pipeline_keeps_a_mask_the_network_agrees_with(mode):
         assert _iou(out == 3, labels == 3) > 0.6
         rows = (out == 5).sum(axis=1)[TILE_EDGE - 40:TILE_EDGE + 40].astype(int)
         assert np.abs(np.diff(rows)).max() < 20  # no straight-line cut at the tile edge
+
+
+@pytest.mark.parametrize("mode", list(REFINE_MODES))
+def test_one_pass_equals_the_per_class_path(mode):
+    """Classes sharing a box (scattered ones: the whole image) share image reads and global-step
+    inputs; the result is the per-class path's, bit for bit at a tile batch of 1."""
+    from engine.models.refine import RefinementModule, RefinerConfig
+
+    h, w = 300, 420
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+    labels = np.zeros((h, w), np.uint8)
+    labels[60:200, 100:260] = 4  # one large object
+    for c, (cy, cx) in zip([1, 2, 1, 2, 3, 3], [(20, 20), (280, 20), (280, 400), (20, 400), (150, 30), (150, 390)]):
+        labels[cy - 8:cy + 8, cx - 8:cx + 8] = c  # classes 1 and 2 both span the image
+    torch.manual_seed(0)
+    ref = Refiner(RefinementModule(RefinerConfig(backbone="light")), device="cpu", precision="float32")
+    options = {**mode_options(mode), "L": 160, "selection": "all", "batch_size": 1}
+    out, conf = ref.refine_labels(image, labels, return_confidence=True, **options)
+    stats = ref.stats
+    want, want_conf = per_class(ref, image, labels, return_confidence=True, **options)
+    np.testing.assert_array_equal(out, want)
+    np.testing.assert_array_equal(conf, want_conf)
+    if mode != "fast":
+        plan = plan_classes(labels)
+        assert plan.boxes[1] == plan.boxes[2] == (0, h, 0, w)
+        # classes 1 and 2 read each of their crops once, together
+        assert 0 < stats.crops < stats.tiles_processed

@@ -19,6 +19,7 @@ from engine.checkpoints import ModelCard, save_checkpoint
 from engine.errors import FineMaskError
 from engine.models.refine import RefinementModule, RefinerConfig, normalise_image
 from engine.refine import (
+    arbitrate_classes,
     GlobalResult,
     RefinementCancelled,
     Refiner,
@@ -283,6 +284,13 @@ def test_progress_reaches_total_and_cancel_stops():
 # ------------------------------------------------------------------------------- multi-class
 
 
+def per_class(ref, image, labels, probs=None, *, ignore_index=None, return_confidence=False, **kwargs):
+    """The per-class path (``arbitrate_classes``): ``ref.refine`` on each refined class's box."""
+    return arbitrate_classes(
+        labels, probs, lambda box, mask, progress: ref.refine(image[box[0]:box[1], box[2]:box[3]], mask, **kwargs),
+        ignore_index=ignore_index, return_confidence=return_confidence)
+
+
 class MaskEcho(Refiner):
     """A refiner whose 'refinement' is a known function of the mask, to test arbitration.
 
@@ -313,7 +321,7 @@ def test_multiclass_keeps_labels_when_refinement_agrees_and_absent_classes_absen
     labels[45:75, 60:110] = 5
     img = rng.integers(0, 255, (80, 120, 3), dtype=np.uint8)
     echo = MaskEcho()
-    out, conf = Refiner.refine_labels(echo, img, labels, return_confidence=True)
+    out, conf = per_class(echo, img, labels, return_confidence=True)
     np.testing.assert_array_equal(out, labels)
     assert len(echo.calls) == 2 and conf.dtype == np.float32  # class 0, the largest, is the complement
     # the class-2 crop is its box (30 x 40) grown by 12.5% per side, at least 8 px
@@ -337,7 +345,7 @@ def test_multiclass_released_pixels_go_to_a_claimant_else_probs_else_the_complem
     labels[35:55, 50:80] = 2
     img = np.zeros((60, 90, 3), np.uint8)
     echo = MaskEcho(weak=True)  # class 1 lets its left half go (0.25); nobody claims it (0.3)
-    out, conf = Refiner.refine_labels(echo, img, labels, return_confidence=True)
+    out, conf = per_class(echo, img, labels, return_confidence=True)
     assert out.dtype == labels.dtype
     assert np.all(out[10:30, 10:24] == 0)  # no probs: the complement (largest class) takes it
     assert np.all(out[10:30, 26:40] == 1) and np.all(conf[10:30, 26:40] == np.float32(0.9))
@@ -345,7 +353,7 @@ def test_multiclass_released_pixels_go_to_a_claimant_else_probs_else_the_complem
     probs = np.zeros((3, 60, 90), np.float32)
     probs[2] = 0.6  # the segmenter's second choice everywhere: class 2
     probs[1] = 0.9
-    out = Refiner.refine_labels(echo, img, labels, probs=probs)
+    out = per_class(echo, img, labels, probs=probs)
     assert np.all(out[10:30, 10:24] == 2) and np.all(out[10:30, 26:40] == 1)
     assert np.all(out[35:55, 50:64] == 1)  # class 2 let go: the next most probable is class 1
     assert set(np.unique(out)) <= {0, 1, 2}
@@ -355,7 +363,7 @@ def test_two_classes_refine_only_the_smaller_one():
     labels = np.full((70, 100), 4, np.uint8)
     labels[20:40, 30:60] = 9
     echo = MaskEcho()
-    out, conf = Refiner.refine_labels(echo, np.zeros((70, 100, 3), np.uint8), labels, return_confidence=True)
+    out, conf = per_class(echo, np.zeros((70, 100, 3), np.uint8), labels, return_confidence=True)
     assert len(echo.calls) == 1
     np.testing.assert_array_equal(out, labels)
     assert np.all(conf >= 0.5)
@@ -441,7 +449,7 @@ def test_multiclass_ignore_index_is_not_refined_and_works_with_probs():
     labels[40:, :] = 255  # unannotated
     probs = np.full((2, 50, 70), 0.6, np.float16)
     echo = MaskEcho()
-    out = Refiner.refine_labels(echo, np.zeros((50, 70, 3), np.uint8), labels, probs, ignore_index=255)
+    out = per_class(echo, np.zeros((50, 70, 3), np.uint8), labels, probs, ignore_index=255)
     assert len(echo.calls) == 1  # class 1; 0 is the complement and 255 no class
     np.testing.assert_array_equal(out, labels)
     assert set(np.unique(out)) <= {0, 1, 255}
