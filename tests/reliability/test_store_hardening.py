@@ -364,7 +364,7 @@ def test_store_creation_on_a_full_disk_leaves_nothing(tmp_path, monkeypatch, whe
         root.mkdir()
         (root / "notes.txt").write_text("mine")
     before = listing(parent)
-    monkeypatch.setattr("engine.store.atomic_write_text", _disk_full)
+    monkeypatch.setattr("engine.store.creation.atomic_write_text", _disk_full)
     with pytest.raises(FineMaskError, match="No space left on device") as err:
         Store.open(root)
     assert err.value.path is not None and listing(parent) == before
@@ -380,7 +380,8 @@ def test_cli_store_add_to_a_new_store_on_a_full_disk_leaves_nothing(tmp_path, mo
     im = write_image(data / "a.png", image(0))
     write_labels(data / "labels" / "a.png", labels(0).astype(np.uint8))
     before = listing(tmp_path)
-    for target in ("engine.store.write_labels", "engine.store.atomic_write_text"):
+    for target in ("engine.store.store.write_labels", "engine.store.store.atomic_write_text",
+                   "engine.store.creation.atomic_write_text"):
         monkeypatch.setattr(target, _disk_full)
         code = main(["store", "add", str(tmp_path / "new"), str(im), "--labels", str(data / "labels")])
         assert code == 2 and "No space left on device" in one_error_line(capsys)
@@ -396,7 +397,7 @@ def test_cli_store_add_keeps_an_existing_store_when_a_pair_fails(tmp_path, monke
     im = write_image(data / "a.png", image(0))
     write_labels(data / "labels" / "a.png", labels(0).astype(np.uint8))
     Store.open(tmp_path / "old")
-    monkeypatch.setattr("engine.store.write_labels", _disk_full)
+    monkeypatch.setattr("engine.store.store.write_labels", _disk_full)
     assert main(["store", "add", str(tmp_path / "old"), str(im), "--labels", str(data / "labels")]) == 2
     capsys.readouterr()
     assert (tmp_path / "old" / "manifest.json").is_file() and len(Store.open(tmp_path / "old")) == 0

@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .errors import FineMaskError
+from ..errors import FineMaskError
 
 FORMAT = "finemask-store"
 FORMAT_VERSION = 1
