@@ -60,12 +60,13 @@ def random_refiner(folder: Path) -> Path:
 
 def run_cluster(workers: int, src: Path, out: Path, config) -> dict:
     from engine import batch
+    from engine.batch.tasks import preload_models
 
     t0 = time.perf_counter()
     with batch.open_client(n_workers=workers, threads_per_worker=1) as client:
         started = time.perf_counter() - t0
         t1 = time.perf_counter()
-        client.run(batch._preload, config.checked())
+        client.run(preload_models, config.checked())
         loaded = time.perf_counter() - t1
         cpu0 = client.run(time.process_time)
         t2 = time.perf_counter()
