@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .errors import Cancelled, FineMaskError
-from .refine_modes import REFINE_MODES, mode_options
+from .refine_modes import DEFAULT_MODE, REFINE_MODES, mode_options
 
 if TYPE_CHECKING:
     from .refine import Refiner
@@ -62,7 +62,7 @@ def probs_fit(labels: np.ndarray, probs: np.ndarray | None) -> bool:
 
 
 def refine_step(refiner: Refiner, image: np.ndarray, labels: np.ndarray, probs: np.ndarray | None = None, *,
-                mode: str = "full", L: int = 900, selection: str | None = None, tile_batch: int | None = None,
+                mode: str = DEFAULT_MODE, L: int = 900, selection: str | None = None, tile_batch: int | None = None,
                 confidence: bool = False, on_progress: ProgressFn | None = None,
                 cancel: CancelFn | None = None) -> Refined:
     """Refine a label map at full resolution in ``mode`` ("full", "fast", "local").
@@ -93,7 +93,7 @@ class PipelineResult:
 
 
 def segment_image(segmenter: Segmenter, image: np.ndarray, *, working_size: int | None = None,
-                  refiner: Refiner | None = None, mode: str = "full", L: int = 900,
+                  refiner: Refiner | None = None, mode: str = DEFAULT_MODE, L: int = 900,
                   selection: str | None = None, tile_batch: int | None = None,
                   on_progress: ProgressFn | None = None, cancel: CancelFn | None = None) -> PipelineResult:
     """Segment ``image`` and, with a ``refiner``, refine the labels with the class probabilities."""

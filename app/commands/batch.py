@@ -11,6 +11,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from app.commands.options import add_mode_arguments, chosen_mode
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("batch", help="segment (and refine) every image in a folder on a Dask cluster")
@@ -21,10 +23,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--refine", action="store_true", help="refine the labels at full resolution")
     p.add_argument("--refiner", default=None,
                    help="refinement model name or folder (default: cascadepsp once installed, else refine-light)")
-    steps = p.add_mutually_exclusive_group()
-    steps.add_argument("--fast", action="store_true", help="with --refine: global step only")
-    steps.add_argument("--skip-global", action="store_true",
-                       help="with --refine: full-resolution tiles only, on the mask as it is (not in the paper)")
+    add_mode_arguments(p, prefix="with --refine: ")
     p.add_argument("--L", type=int, default=900, dest="L", help="refiner working size and tile size (900)")
     p.add_argument("--tiles", choices=("cover", "fraction", "boundary", "all"), default="cover", help="which tiles the refiner runs (cover)")
     p.add_argument("--tile-batch", type=int, default=None,
@@ -52,8 +51,9 @@ def run(args: argparse.Namespace) -> int:
 
     huge = {} if args.huge_pixels is None else {"huge_pixels": args.huge_pixels}
     refiner = (args.refiner or default_refiner()) if args.refine else None
-    config = BatchConfig(model=args.model, refiner=refiner, fast=args.fast,
-                         skip_global=args.skip_global, L=args.L, working_size=args.working_size,
+    from engine.refine_modes import mode_options
+
+    config = BatchConfig(model=args.model, refiner=refiner, **mode_options(chosen_mode(args)), L=args.L, working_size=args.working_size,
                          selection=args.tiles, tile_batch=args.tile_batch, device=args.device, **huge)
     with tqdm(total=0, desc="batch", unit="image", dynamic_ncols=True) as bar:
         def on_progress(done: int, total: int, message: str) -> None:

@@ -52,3 +52,27 @@ def check_device(value: str, *, option: str = "--device", local: bool = True) ->
     if device.type == "mps" and (not local or torch.backends.mps.is_available()):
         return
     raise FineMaskError(f"{option} {value}: FineMask runs on cpu or cuda, not on {device.type}")
+
+
+def add_mode_arguments(parser: argparse.ArgumentParser, *, prefix: str = "") -> None:
+    """``--mode`` (``engine.refine_modes``, each explained in the help) and the older spellings
+    ``--fast`` (= ``--mode fast``) and ``--skip-global`` (= ``--mode local``)."""
+    from engine.refine_modes import DEFAULT_MODE, MODE_HELP, REFINE_MODES
+
+    lines = "; ".join(f"{m}: {MODE_HELP[m]}" for m in REFINE_MODES)
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--mode", choices=list(REFINE_MODES), default=None,
+                       help=f"{prefix}refinement mode (default {DEFAULT_MODE}). {lines}")
+    group.add_argument("--fast", action="store_true", help=f"{prefix}same as --mode fast")
+    group.add_argument("--skip-global", action="store_true", help=f"{prefix}same as --mode local")
+
+
+def chosen_mode(args: argparse.Namespace) -> str:
+    """The refinement mode ``add_mode_arguments`` options ask for."""
+    from engine.refine_modes import DEFAULT_MODE
+
+    if getattr(args, "fast", False):
+        return "fast"
+    if getattr(args, "skip_global", False):
+        return "local"
+    return getattr(args, "mode", None) or DEFAULT_MODE

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from engine.errors import FineMaskError
+from app.commands.options import add_mode_arguments, chosen_mode
+from engine.refine_modes import mode_options
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -24,11 +25,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="refinement model: shipped or installed name, checkpoint folder, or the official "
                         "CascadePSP weights file (.pth / 'model'); default: cascadepsp once installed "
                         "(`finemask models get cascadepsp`), else refine-light")
-    steps = p.add_mutually_exclusive_group()
-    steps.add_argument("--fast", action="store_true", help="global step only (quicker, coarser boundaries)")
-    steps.add_argument("--skip-global", action="store_true",
-                       help="local step only, starting from the mask itself: for masks already right at "
-                            "reduced size (keeps structures a few pixels wide at L; not in the paper)")
+    add_mode_arguments(p, prefix="")
     p.add_argument("--L", type=int, default=900, dest="L", help="working size and tile size in pixels (900)")
     p.add_argument("--tiles", choices=("cover", "fraction", "boundary", "all"), default=None,
                    help="which full-resolution tiles to refine: cover (default: fewest tiles reaching every "
@@ -72,8 +69,8 @@ def run(args: argparse.Namespace) -> int:
             bar.set_postfix_str(message, refresh=False)
             bar.refresh()
 
-        kwargs = {"fast": args.fast, "L": args.L, "on_progress": on_progress, "selection": args.tiles,
-                  "skip_global": args.skip_global}
+        kwargs = {**mode_options(chosen_mode(args)), "L": args.L, "on_progress": on_progress,
+                  "selection": args.tiles}
         if binary:
             conf = refiner.refine(image, labels > 0, **kwargs)
             out = (np.clip(conf, 0, 1) * 255 + 0.5).astype(np.uint8) if args.soft else \
@@ -82,6 +79,6 @@ def run(args: argparse.Namespace) -> int:
         else:
             write_labels(args.output, refiner.refine_labels(image, labels, **kwargs))
     stats = refiner.stats
-    detail = "" if args.fast else f", {stats.tiles_processed} of {stats.tiles_total} tiles"
+    detail = "" if kwargs["fast"] else f", {stats.tiles_processed} of {stats.tiles_total} tiles"
     print(f"wrote {args.output} (global {stats.global_seconds:.1f} s, local {stats.local_seconds:.1f} s{detail})")
     return 0

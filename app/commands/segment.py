@@ -6,6 +6,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from app.commands.options import add_mode_arguments, chosen_mode
 from engine.errors import FineMaskError
 from engine.io import IMAGE_SUFFIXES, read_image, write_labels
 
@@ -20,16 +21,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--refine", action="store_true", help="refine the labels at full resolution")
     p.add_argument("--refiner", default=None,
                    help="refinement model name or folder (default: cascadepsp once installed, else refine-light)")
-    steps = p.add_mutually_exclusive_group()
-    steps.add_argument("--fast", action="store_true", help="with --refine: global step only")
-    steps.add_argument("--skip-global", action="store_true",
-                       help="with --refine: full-resolution tiles only, on the mask as it is (not in the paper)")
+    add_mode_arguments(p, prefix="with --refine: ")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from engine.model_cache import shared_models
-    from engine.pipeline import refine_mode, segment_image
+    from engine.pipeline import segment_image
 
     jobs = _jobs(args.image, args.output)
     models = shared_models()  # the per-image pipeline and model cache of napari, the web app and batch
@@ -39,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
         from engine.installed import default_refiner
 
         refiner = models.refiner(args.refiner or default_refiner())
-    mode = refine_mode(args.fast, args.skip_global)
+    mode = chosen_mode(args)
     failed = 0
     for src, dst in tqdm(jobs, desc="segment", unit="image", disable=len(jobs) == 1):
         try:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from engine.refine_modes import DEFAULT_MODE
 from engine.errors import Cancelled, FineMaskError
 from engine.io import default_palette, image_shape, read_labels
 from engine.pipeline import check_cancel, refine_step, segment_step
@@ -109,9 +110,11 @@ def segment(segmenter: Segmenter, image: np.ndarray, working_size: int | None = 
     if len(palette) < len(classes):  # a card with fewer colours than classes
         palette += [list(map(int, c)) for c in default_palette(len(classes))[len(palette):len(classes)]]
     probs = result.probs if result.probs.nbytes <= KEEP_PROBS_BYTES else None
-    return Segmentation(labels=result.labels, probs=probs, uncertainty=result.uncertainty, classes=classes,
-                        palette=palette, model_name=name, working_size=tuple(result.working_size),
-                        seconds={"segment": time.perf_counter() - t0})
+    seg = Segmentation(labels=result.labels, probs=probs, uncertainty=result.uncertainty, classes=classes,
+                       palette=palette, model_name=name, working_size=tuple(result.working_size),
+                       seconds={"segment": time.perf_counter() - t0})
+    _report(on_progress, 1, 1, f"segmented with {name}")  # the engine's steps above, the job done here
+    return seg
 
 
 # ------------------------------------------------------------------ refine
@@ -133,7 +136,7 @@ class Refinement:
 
 
 def refine(refiner: Refiner, image: np.ndarray, labels: np.ndarray, probs: np.ndarray | None = None, *,
-           mode: str = "full", uncertainty: bool = False, on_progress: ProgressFn | None = None,
+           mode: str = DEFAULT_MODE, uncertainty: bool = False, on_progress: ProgressFn | None = None,
            cancel: CancelFn | None = None) -> Refinement:
     """Refine a label map at full resolution in ``mode`` ("full", "fast", "local").
 
