@@ -7,16 +7,13 @@
   the only two full-size buffers; pixels no tile wrote get a caller-supplied fallback row strip.
 - ``area_resize`` / ``bilinear_region``: resampling that touches the full image one row strip at
   a time, so no full-size float copy of the image (or a float64 one) is ever made.
-- ``available_memory`` / ``batch_size_for``: how many tiles fit in free memory.
-- ``reuse_freed_memory``: keeps glibc from returning large blocks to the OS between tiles.
+- ``available_memory``: bytes that can still be allocated on a device.
 """
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -253,60 +250,3 @@ def available_memory(device: torch.device | str = "cpu") -> int:
         if limit != "max":
             avail = min(avail, int(limit) - used)
     return max(0, int(avail))
-
-
-def batch_size_for(item_bytes: int, device: torch.device | str = "cpu", *, max_batch: int = 8,
-                   fraction: float = 0.5) -> int:
-    """Largest batch (1..max_batch) whose estimated working memory fits ``fraction`` of free memory."""
-    fits = int(available_memory(device) * fraction) // max(1, int(item_bytes))
-    return max(1, min(int(max_batch), fits))
-
-
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
-# Setting any of these turns off glibc's dynamic mmap threshold for good, so on exit we set the
-# values that dynamic adjustment converges to (32 MiB threshold, trim at twice that).
-_GLIBC_AFTER = {_M_MMAP_MAX: 65536, _M_MMAP_THRESHOLD: 32 << 20, _M_TRIM_THRESHOLD: 64 << 20}
-_reuse_lock = threading.Lock()
-_reuse_depth = 0
-
-
-def _libc():
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt  # noqa: B018 - probe: glibc only
-        libc.malloc_trim  # noqa: B018
-        return libc
-    except (OSError, AttributeError):
-        return None
-
-
-@contextlib.contextmanager
-def reuse_freed_memory(enabled: bool = True) -> Iterator[None]:
-    """Within the block, glibc serves large tensors from its heap instead of fresh mmaps.
-
-    Why: PyTorch frees and re-allocates every activation; glibc maps allocations over 32 MiB
-    afresh each time, and the page faults of first touch made full-resolution layers of a
-    900 x 900 tile 2-4x slower than their arithmetic (measured on the 2-core benchmark machine).
-    Peak memory is unchanged; on exit the defaults are restored and the heap is trimmed. A no-op
-    off glibc. Nested and concurrent uses are counted so the last one out restores.
-    (glibc-specific; other allocators keep their own behaviour.)
-    """
-    global _reuse_depth
-    libc = _libc() if enabled else None
-    if libc is None:
-        yield
-        return
-    with _reuse_lock:
-        if _reuse_depth == 0:
-            libc.mallopt(_M_MMAP_MAX, 0)
-            libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
-        _reuse_depth += 1
-    try:
-        yield
-    finally:
-        with _reuse_lock:
-            _reuse_depth -= 1
-            if _reuse_depth == 0:
-                for param, value in _GLIBC_AFTER.items():
-                    libc.mallopt(param, value)
-                libc.malloc_trim(0)

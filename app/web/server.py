@@ -42,6 +42,7 @@ from starlette.middleware import Middleware
 from app.workbench import FinetuneCancelled
 from engine.errors import Cancelled, FineMaskError
 from engine.installed import default_refiner
+from engine.memory import release_freed_memory
 from engine.refine_modes import MODE_HELP, REFINE_MODES
 
 from .editor import css_colour
@@ -126,27 +127,6 @@ def user_errors(fn: Callable) -> Callable:
             release_freed_memory()
 
     return wrapper
-
-
-@functools.cache
-def _libc() -> Any:
-    import ctypes
-
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc
-        return None
-
-
-def release_freed_memory() -> None:
-    """Give memory freed by a finished job back to the system (glibc's ``malloc_trim``).
-
-    Without it glibc keeps the freed pages of a big image's arrays, and the idle server stays
-    at its peak size; see docs/RELIABILITY.md. Does nothing where the C library is not glibc.
-    """
-    libc = _libc()
-    if libc is not None and hasattr(libc, "malloc_trim"):
-        libc.malloc_trim(0)
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,9 +14,10 @@ from torch import nn
 
 from ..checkpoints import ModelCard, save_checkpoint
 from ..errors import Cancelled, FineMaskError
+from ..memory import reuse_freed_memory
 from ..memory_guard import activation_bytes_per_pixel, plan_batch
 from ..models.refine import RefinementModule, RefinerConfig, fuse_for_inference, normalise_image
-from ..tiling import STRIP_ROWS, Tile, TileAccumulator, area_resize, max_overlap, reuse_freed_memory, tile_grid
+from ..tiling import STRIP_ROWS, Tile, TileAccumulator, area_resize, max_overlap, tile_grid
 from .classes import plan_classes
 from .labels import refine_label_map
 from .inputs import check_image, global_size, mask_binariser, pad8, unit_rgb
@@ -41,7 +42,7 @@ class Refiner:
     ``device``: ``"cpu"``, ``"cuda"``, or None for CUDA when available. ``selection``: default
     tile selection. ``max_batch``: upper bound of the adaptive tile batch (default 16 on CUDA,
     1 on CPU, where a batch of 2 ran no faster and used more memory). ``reuse_cpu_memory``: see
-    ``engine.tiling.reuse_freed_memory``. ``precision``: ``"float32"``, ``"bfloat16"`` or
+    ``engine.memory.reuse_freed_memory``. ``precision``: ``"float32"``, ``"bfloat16"`` or
     ``"auto"`` (bfloat16 on CUDA - autocast - and on CPUs with native bf16 arithmetic, where it
     doubles convolution speed; float32 elsewhere). ``num_threads``: torch CPU threads while refining
     (process-wide for the duration of a call; None keeps torch's setting). On a machine whose

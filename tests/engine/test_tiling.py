@@ -1,4 +1,4 @@
-"""Tile grid, blending, bounded-memory resampling and batch sizing."""
+"""Tile grid, blending, bounded-memory resampling and free memory."""
 from __future__ import annotations
 
 import numpy as np
@@ -10,10 +10,8 @@ from engine import tiling
 from engine.tiling import (
     TileAccumulator,
     area_resize,
-    batch_size_for,
     bilinear_region,
     max_overlap,
-    reuse_freed_memory,
     source_span,
     tile_grid,
 )
@@ -111,22 +109,5 @@ def test_source_span_holds_every_source_index():
     assert b - a < 23
 
 
-def test_batch_size_follows_free_memory(monkeypatch):
-    monkeypatch.setattr(tiling, "available_memory", lambda device="cpu": 10_000)
-    assert batch_size_for(1000, max_batch=64, fraction=0.5) == 5
-    assert batch_size_for(1000, max_batch=3, fraction=0.5) == 3
-    assert batch_size_for(10**9, max_batch=8) == 1
-
-
 def test_available_memory_is_plausible():
     assert 16 << 20 < tiling.available_memory("cpu") < 1 << 50
-
-
-def test_reuse_freed_memory_nests_and_restores():
-    with reuse_freed_memory():
-        with reuse_freed_memory():
-            assert tiling._reuse_depth in (0, 2)  # 0 where glibc is absent
-            x = torch.ones(3000, 3000)
-        assert tiling._reuse_depth in (0, 1)
-    assert tiling._reuse_depth == 0
-    assert float(x.sum()) == 9e6
