@@ -306,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--fast", action="store_true")
     p.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16"])
-    p.add_argument("--no-reuse", action="store_true", help="disable engine.tiling.reuse_freed_memory")
+    p.add_argument("--no-reuse", action="store_true", help="disable engine.memory.reuse_freed_memory")
     p.add_argument("--weights", default=None, help="trained checkpoint folder or official CascadePSP file")
     p.add_argument("--reference-src", default=None, help="folder holding hkchengrex's segmentation_refinement/")
     p.add_argument("--reference-tiles", type=int, default=1, help="reference tiles to time (averaged)")
