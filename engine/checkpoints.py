@@ -21,6 +21,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .assets import MODELS_DIR
 from .errors import FineMaskError
 
 WEIGHTS_FILE = "model.safetensors"
@@ -34,7 +35,7 @@ _CONVERT_HINT = (
     "FineMask loads only model.safetensors + card.json, never pickled weights; convert the official CascadePSP "
     "weights with Refiner.from_official_checkpoint(path, save_to=folder) (or `finemask refine --model <file>`)"
 )
-ASSETS_MODELS = Path(__file__).resolve().parent.parent / "assets" / "models"
+ASSETS_MODELS = MODELS_DIR
 
 
 @dataclass

@@ -7,10 +7,11 @@ from pathlib import Path
 import numpy as np
 
 from app.overlay import overlay
+from engine.assets import SAMPLES_DIR
 from engine.checkpoints import available_models
 from engine.io import read_image, write_image, write_labels
 
-SAMPLE = Path(__file__).resolve().parents[2] / "assets" / "samples" / "mountains.jpg"
+SAMPLE = SAMPLES_DIR / "mountains.jpg"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

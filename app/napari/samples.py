@@ -1,14 +1,14 @@
 """Sample data: the two shipped sample images in ``assets/samples`` (terms in ATTRIBUTION.md)."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from engine.assets import SAMPLES_DIR
 from engine.errors import FineMaskError
 
-SAMPLES = Path(__file__).resolve().parent.parent.parent / "assets" / "samples"
+SAMPLES = SAMPLES_DIR
 ATTRIBUTION = SAMPLES / "ATTRIBUTION.md"
 
 

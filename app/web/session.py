@@ -31,6 +31,7 @@ from app.workbench import (  # noqa: F401 - re-exported for the server and older
     ModelEntry,
     inspect_header,
 )
+from engine.assets import SAMPLES_DIR
 from engine.errors import FineMaskError
 from engine.io import IMAGE_SUFFIXES, read_labels, write_labels
 from engine.store import PairRecord, Store
@@ -46,8 +47,6 @@ if TYPE_CHECKING:
 ProgressFn = Callable[[int, int, str], None]
 CancelFn = Callable[[], bool]
 
-ASSETS = Path(__file__).resolve().parents[2] / "assets"
-SAMPLES_DIR = ASSETS / "samples"
 #: Pixel limit of the web app unless ``FINEMASK_MAX_PIXELS`` or ``--max-pixels`` says otherwise:
 #: 8192 x 8192. Lower than the engine's default because one server's memory is shared by every
 #: user (napari opens what its user's own machine can hold).
