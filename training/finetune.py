@@ -37,12 +37,13 @@ from engine.atomic import atomic_write_bytes
 from engine.checkpoints import ModelCard, load_checkpoint, resolve
 from engine.errors import FineMaskError
 from engine.filelock import FileLock
+from engine.hashing import hash_file
 from engine.io import default_palette
 from engine.metrics import boundary_accuracy_multiclass, confusion_matrix_open, miou
 from engine.store import UNLABELLED, Store
 from engine.versions import MODELS_DIR, list_versions, models_dir  # noqa: F401 - re-exported (moved to engine)
 from training.augment import resize_labels
-from training.data.store_dataset import NO_IGNORE, StoreDataset
+from training.data.store_dataset import StoreDataset
 from training.finetune_checks import check_class_count, check_memory, require_labelled_pixels
 from training.loop import EpochKeyed, LoopConfig, train_loop
 
@@ -420,9 +421,7 @@ def _round_to(value: int, multiple: int) -> int:
 
 def _run_key(base_path: Path, store_hash: str, cfg: FinetuneConfig, loop: LoopConfig) -> str:
     digest = hashlib.sha256()
-    with open(base_path / "model.safetensors", "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
+    hash_file(base_path / "model.safetensors", digest)
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("name", "time_budget_s")}
     digest.update(json.dumps([store_hash, settings, loop.batch_size], sort_keys=True).encode())
     return digest.hexdigest()[:16]

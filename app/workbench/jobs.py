@@ -10,7 +10,6 @@ representation (napari shows ``class + 1``) at their edge.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -22,6 +21,7 @@ import numpy as np
 
 from engine.refine_modes import DEFAULT_MODE
 from engine.errors import Cancelled, FineMaskError
+from engine.hashing import file_sha256
 from engine.io import default_palette, image_shape, read_labels
 from engine.pipeline import check_cancel, refine_step, segment_step
 from engine.refine_modes import mode_options
@@ -211,14 +211,6 @@ def check_store_classes(store: Store, names: Sequence[str]) -> None:
     n = min(len(current), len(names))
     if list(current[:n]) != list(names[:n]) or n == 0:
         raise FineMaskError(class_mismatch_message(current, list(names)), store.root)
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def pair_for_file(store: Store, path: str | Path | None) -> str | None:
