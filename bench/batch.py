@@ -50,7 +50,7 @@ def make_images(folder: Path, n: int, size: tuple[int, int]) -> None:
 def random_refiner(folder: Path) -> Path:
     import torch
 
-    from engine.models.refine import RefinementModule, RefinerConfig
+    from engine.models.cascadepsp import RefinementModule, RefinerConfig
     from engine.refine import Refiner
 
     torch.manual_seed(0)

@@ -46,7 +46,7 @@ def run_one(job: str, h: int, w: int, L: int, batch: int) -> dict:
         estimate = fixed + estimate_batch * item
         run = lambda: seg.predict(image)  # noqa: E731
     else:
-        from engine.models.refine import RefinementModule, RefinerConfig
+        from engine.models.cascadepsp import RefinementModule, RefinerConfig
         from engine.refine import Refiner, global_size
 
         ref = Refiner(RefinementModule(RefinerConfig(backbone="light")), device="cpu", max_batch=batch)

@@ -124,7 +124,7 @@ def proxy_global(coarse: np.ndarray, like):
 def make_refiner(cfg: dict):
     import torch
 
-    from engine.models.refine import RefinementModule, RefinerConfig
+    from engine.models.cascadepsp import RefinementModule, RefinerConfig
     from engine.refine import Refiner
 
     kw = {"device": cfg["device"], "num_threads": cfg["threads"], "reuse_cpu_memory": not cfg["no_reuse"],

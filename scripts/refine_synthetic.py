@@ -22,7 +22,7 @@ from skimage import draw
 from torch.utils.data import Dataset
 
 from engine.metrics import boundary_accuracy
-from engine.models.refine import normalise_image
+from engine.models.cascadepsp import normalise_image
 from training.loop import LoopConfig
 from training.perturb import mask_iou, perturb_mask
 from training.train_refine import RefineTrainConfig, train_refine

@@ -167,7 +167,7 @@ def evaluate_refiner_crops(model: torch.nn.Module, crop_sets: dict[str, Any], co
     what a training run has learnt, without the full-resolution cascade of :func:`evaluate_refiner`.
     """
     from engine.metrics import boundary_accuracy
-    from engine.models.refine import normalise_image
+    from engine.models.cascadepsp import normalise_image
 
     param = next(model.parameters())
     model.eval()

@@ -77,7 +77,7 @@ def export_refine_run(
     """Export a refinement run's latest state to the model folder ``to``."""
     import json
 
-    from engine.models.refine import RefinerConfig, build_refinement_module
+    from engine.models.cascadepsp import RefinerConfig, build_refinement_module
 
     from .train_refine import export_refiner
 

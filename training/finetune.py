@@ -278,7 +278,7 @@ class RefinementJob:
     """Fine-tuning of a CascadePSP refiner on crops of the store's corrected class masks."""
 
     def __init__(self, state: dict[str, torch.Tensor], card: ModelCard, store: Store, cfg: FinetuneConfig):
-        from engine.models.refine import RefinerConfig, build_refinement_module
+        from engine.models.cascadepsp import RefinerConfig, build_refinement_module
         from training.data.refine_crops import ClassMaskSource, RefineCropConfig, RefineCrops
 
         self.model = build_refinement_module(RefinerConfig.from_dict(card.config))

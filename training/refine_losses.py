@@ -1,6 +1,6 @@
 """Losses of the CascadePSP refinement module, supervising all six cascade outputs.
 
-Per output (logits at input size, see ``engine.models.refine.OUTPUT_NAMES``), with ``gt`` in
+Per output (logits at input size, see ``engine.models.cascadepsp.OUTPUT_NAMES``), with ``gt`` in
 [0, 1] (soft allowed) and ``p = sigmoid(logits)``:
 
 - OS8 outputs (pass 1, 2, 3): binary cross-entropy against ``gt > 0.5``;

@@ -41,7 +41,7 @@ def make_tiny_segmenter(folder: str | Path, num_classes: int = 3, input_size: tu
 
 def make_tiny_refiner(folder: str | Path, name: str = "tiny-refiner", seed: int = 0) -> Path:
     """Save a tiny light CascadePSP refinement module to ``folder``; return it."""
-    from engine.models.refine import RefinementModule, RefinerConfig
+    from engine.models.cascadepsp import RefinementModule, RefinerConfig
     from engine.refine import Refiner
 
     torch.manual_seed(seed)

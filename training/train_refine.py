@@ -14,7 +14,7 @@ import torch
 
 from engine.atomic import atomic_write_text
 from engine.checkpoints import ModelCard, save_checkpoint
-from engine.models.refine import RefinerConfig, build_refinement_module, normalise_image
+from engine.models.cascadepsp import RefinerConfig, build_refinement_module, normalise_image
 from training.data.refine_crops import REFINE_SOURCES, RefineCropConfig, RefineCrops, build_refine_crops
 from training.loop import EpochKeyed, LoopConfig, LoopResult, ProgressFn, _is_main, train_loop
 from training.pretrained import start_run_from

@@ -34,7 +34,7 @@
 Beyond the reference: tiles run in batches sized to free memory; the only full-size buffers are
 the float32 result and a uint8 overlap count (inputs are read one tile or row strip at a time),
 so memory is bounded by the batch, not the image; the module runs with BatchNorms folded and its
-decoder reordered (``engine.models.refine.fuse_for_inference``), channels_last, under
+decoder reordered (``engine.models.cascadepsp.fuse_for_inference``), channels_last, under
 ``torch.inference_mode``, in bfloat16 on CUDA (autocast) and on CPUs with native bf16; a progress
 callback and a cancel check; the output is deterministic for a given batch size.
 
@@ -54,7 +54,7 @@ Deviations from the reference, each for a stated reason:
 Modules: ``refiner`` (``Refiner``: the two steps, batching, precision), ``selection`` (which tiles
 run), ``classes`` (label maps: per-class boxes and arbitration), ``loading`` (checkpoints and the
 official weights), ``results`` (what the global step hands to the local step), ``inputs`` (input
-checks and conversions). The network itself is ``engine.models.refine``.
+checks and conversions). The network itself is ``engine.models.cascadepsp``.
 """
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ..errors import Cancelled
-from ..models.refine import normalise_image
+from ..models.cascadepsp import normalise_image
 from ..tiling import Tile, TileAccumulator, max_overlap, tile_grid
 from .classes import Box, ClassPlan, arbitrate
 from .inputs import unit_rgb

@@ -8,7 +8,7 @@ from torch import nn
 
 from ..checkpoints import ModelCard, load_checkpoint, save_checkpoint
 from ..errors import FineMaskError
-from ..models.refine import RefinementModule, RefinerConfig, build_refinement_module
+from ..models.cascadepsp import RefinementModule, RefinerConfig, build_refinement_module
 
 ARCHITECTURE = "cascadepsp"
 

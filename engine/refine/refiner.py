@@ -16,7 +16,7 @@ from ..checkpoints import ModelCard, save_checkpoint
 from ..errors import Cancelled, FineMaskError
 from ..memory import reuse_freed_memory
 from ..memory_guard import activation_bytes_per_pixel, plan_batch
-from ..models.refine import RefinementModule, RefinerConfig, fuse_for_inference, normalise_image
+from ..models.cascadepsp import RefinementModule, RefinerConfig, fuse_for_inference, normalise_image
 from ..tiling import STRIP_ROWS, Tile, TileAccumulator, area_resize, max_overlap, tile_grid
 from .classes import plan_classes
 from .labels import refine_label_map

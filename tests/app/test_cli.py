@@ -74,7 +74,7 @@ def test_demo_writes_labels_and_overlay(tmp_path, model_dir, capsys):
 
 @pytest.fixture()
 def refiner_dir(tmp_path):
-    from engine.models.refine import RefinementModule, RefinerConfig
+    from engine.models.cascadepsp import RefinementModule, RefinerConfig
 
     torch.manual_seed(0)
     cfg = RefinerConfig(backbone="light", stage_channels=(8, 8, 16, 16), stage_blocks=(1, 1, 1, 1),

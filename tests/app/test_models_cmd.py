@@ -26,7 +26,7 @@ from engine import installed
 from engine.checkpoints import ASSETS_MODELS, available_models, resolve
 from engine.errors import Cancelled, FineMaskError
 from engine.models.encoders import ResNetEncoder
-from engine.models.refine import RefinementModule, RefinerConfig
+from engine.models.cascadepsp import RefinementModule, RefinerConfig
 from engine.refine import Refiner
 
 RESNET18_FILE = installed.REGISTRY["resnet18-imagenet"].filename

@@ -121,7 +121,7 @@ def test_the_4k_pipeline_keeps_a_mask_the_network_agrees_with(mode):
 def test_one_pass_equals_the_per_class_path(mode):
     """Classes sharing a box (scattered ones: the whole image) share image reads and global-step
     inputs; the result is the per-class path's, bit for bit at a tile batch of 1."""
-    from engine.models.refine import RefinementModule, RefinerConfig
+    from engine.models.cascadepsp import RefinementModule, RefinerConfig
 
     h, w = 300, 420
     rng = np.random.default_rng(3)

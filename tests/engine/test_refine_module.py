@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.errors import FineMaskError
-from engine.models.refine import (
+from engine.models.cascadepsp import (
     OUTPUT_NAMES,
     RefinementModule,
     RefinerConfig,

@@ -17,7 +17,7 @@ from torch import nn
 
 from engine.checkpoints import ModelCard, save_checkpoint
 from engine.errors import FineMaskError
-from engine.models.refine import RefinementModule, RefinerConfig, normalise_image
+from engine.models.cascadepsp import RefinementModule, RefinerConfig, normalise_image
 from engine.refine import (
     arbitrate_classes,
     GlobalResult,
@@ -391,7 +391,7 @@ MEMORY_SCRIPT = textwrap.dedent("""
     import json, sys
     import numpy as np, torch
     torch.set_num_threads(1)
-    from engine.models.refine import RefinementModule, RefinerConfig
+    from engine.models.cascadepsp import RefinementModule, RefinerConfig
     from engine.refine import GlobalResult, Refiner
     import torch.nn.functional as F
     H, W = int(sys.argv[1]), int(sys.argv[2])

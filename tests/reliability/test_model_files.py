@@ -213,7 +213,7 @@ def resolved_config(card: dict, kind: str) -> dict:
     """The card's config with every preset filled in (what the loader builds)."""
     if kind == "segmenter":
         return card["config"]
-    from engine.models.refine import RefinerConfig
+    from engine.models.cascadepsp import RefinerConfig
 
     return RefinerConfig.from_dict(card["config"]).resolved().to_dict()
 
@@ -354,7 +354,7 @@ def test_malicious_pickle_is_refused_and_never_runs(tmp_path, capsys):
 
 def test_official_layout_state_dict_loads(tmp_path):
     """A plain state dict as the official release has it (DataParallel ``module.`` prefixes)."""
-    from engine.models.refine import RefinementModule, RefinerConfig
+    from engine.models.cascadepsp import RefinementModule, RefinerConfig
 
     torch.manual_seed(1)
     official = RefinementModule(RefinerConfig(backbone="resnet50")).state_dict()

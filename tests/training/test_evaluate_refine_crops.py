@@ -75,7 +75,7 @@ def test_crop_scores_per_source_and_overall():
 
 def test_cli_refine_crops_prints_and_records(tmp_path, capsys, monkeypatch):
     from engine.checkpoints import read_card
-    from engine.models.refine import RefinerConfig, build_refinement_module
+    from engine.models.cascadepsp import RefinerConfig, build_refinement_module
     from training import train_refine
     from training.data import refine_crops
 

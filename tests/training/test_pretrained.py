@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 from engine.errors import FineMaskError
 from engine.models import SegmenterConfig, create_model
 from engine.models.encoders import ResNetEncoder
-from engine.models.refine import RefinementModule, RefinerConfig
+from engine.models.cascadepsp import RefinementModule, RefinerConfig
 from training.pretrained import apply_pretrained_encoder, init_from_pretrained, load_torchvision_resnet
 from training.tiny import TINY_SEGMENTER
 
@@ -315,7 +315,7 @@ def test_cli_refine_starts_from_the_file_and_the_card_records_it(tmp_path, monke
     monkeypatch.setattr(module, "build_refine_crops", lambda sources, length, config: Disks())
     tiny = lambda **kw: RefinerConfig(**kw, **TINY_R50)  # noqa: E731 - for the trainer and the export
     monkeypatch.setattr(module, "RefinerConfig", tiny)
-    monkeypatch.setattr("engine.models.refine.RefinerConfig", tiny)
+    monkeypatch.setattr("engine.models.cascadepsp.RefinerConfig", tiny)
     seen = _spy_on_train_loop(monkeypatch, module, "feats.")
     state = torchvision_resnet("bottleneck", (1, 1, 1, 1), 64, (16, 32, 64, 128))
     path = _saved(tmp_path, state, "r50.pth")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.models.refine import OUTPUT_NAMES
+from engine.models.cascadepsp import OUTPUT_NAMES
 from training.refine_losses import edge_map, gradient_loss, refinement_loss
 
 LN2 = math.log(2.0)

@@ -68,7 +68,7 @@ class TwoDisks(Dataset):
 
 def test_training_teaches_the_refiner_to_snap_the_chosen_mask_to_the_image_edge(tmp_path):
     """80 steps (about 10 s): refined masks of unseen scenes beat their coarse masks by far."""
-    from engine.models.refine import normalise_image
+    from engine.models.cascadepsp import normalise_image
     from training.perturb import mask_iou
 
     torch.manual_seed(0)
@@ -124,7 +124,7 @@ def test_cli_options_reach_the_crops_and_the_model(tmp_path, monkeypatch):
     import json
 
     from app.cli import main
-    from engine.models.refine import RefinerConfig
+    from engine.models.cascadepsp import RefinerConfig
     from training import train_refine as module
 
     built = []
