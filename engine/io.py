@@ -37,6 +37,8 @@ from .errors import FineMaskError
 DEFAULT_MAX_PIXELS = 16384 * 16384
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 LABEL_SUFFIXES = (".tif", ".tiff", ".png")
+#: Key of the class names and palette in a label file (TIFF description JSON, PNG text chunk).
+LABEL_INFO_KEY = "finemask"
 #: File format by suffix, and the first bytes each format starts with (TIFF: both byte orders,
 #: classic and BigTIFF). A file whose first bytes do not fit its suffix is refused before decoding.
 _FORMAT_OF_SUFFIX = {".tif": "TIFF", ".tiff": "TIFF", ".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
@@ -203,27 +205,75 @@ def image_from_array(arr: np.ndarray, path: str | Path | None = None) -> np.ndar
     return out
 
 
-def write_labels(path: str | Path, labels: np.ndarray, *, palette: list[list[int]] | None = None) -> Path:
+def write_labels(path: str | Path, labels: np.ndarray, *, palette: list[list[int]] | None = None,
+                 classes: list[str] | None = None) -> Path:
     """Write a class map atomically: ``.tif``/``.tiff`` (zlib, uint8 or uint16) or palette ``.png``.
 
-    A palette PNG holds at most 256 classes; ``palette`` gives RGB triples per class.
+    A palette PNG holds at most 256 classes; ``palette`` gives RGB triples per class. With
+    ``classes`` (names) or a ``palette``, a TIFF also carries both as JSON in its image description,
+    and a PNG its names in a text chunk, both under the key ``finemask`` (:func:`read_label_info`).
     """
     path = Path(path)
     labels = labels_from_array(labels, path)
     suffix = path.suffix.lower()
+    info = _label_info_json(classes, palette)
     if suffix in (".tif", ".tiff"):
+        extra = {"description": info, "metadata": None} if info else {}
         with _writing(path) as tmp:
-            tifffile.imwrite(tmp, labels, compression="zlib", photometric="minisblack")
+            tifffile.imwrite(tmp, labels, compression="zlib", photometric="minisblack", **extra)
     elif suffix == ".png":
         if labels.max() > 255:
             raise FineMaskError("a palette PNG holds class ids up to 255; save as .tif instead", path)
         img = Image.fromarray(labels.astype(np.uint8), mode="P")
         img.putpalette(_palette_bytes(palette))
+        text = None
+        if classes:
+            from PIL.PngImagePlugin import PngInfo
+
+            text = PngInfo()
+            text.add_text(LABEL_INFO_KEY, info)
         with _writing(path) as tmp:
-            img.save(tmp, format="PNG")
+            img.save(tmp, format="PNG", pnginfo=text)
     else:
         raise FineMaskError(f"unsupported label file type {suffix!r} (use .tif or .png)", path)
     return path
+
+
+def read_label_info(path: str | Path) -> dict[str, list]:
+    """Class names and palette a label file carries (:func:`write_labels`): ``{"classes": [...],
+    "palette": [[r, g, b], ...]}`` with the keys present; ``{}`` for a file without them.
+
+    A PNG's palette counts only with its names (every palette PNG has 256 colours)."""
+    import json
+
+    path = Path(path)
+    try:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            with _tifffile_log(), tifffile.TiffFile(path) as tif:
+                text = tif.pages[0].description if tif.pages else ""
+        else:
+            with Image.open(path) as img:
+                text = img.text.get(LABEL_INFO_KEY, "") if hasattr(img, "text") else ""
+                flat = img.getpalette() if img.mode == "P" else None
+    except Exception:  # noqa: BLE001 - an unreadable file carries nothing; reading it says why
+        return {}
+    try:
+        data = json.loads(text).get(LABEL_INFO_KEY) if text.lstrip().startswith("{") else None
+    except ValueError:
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    out: dict[str, list] = {}
+    classes = data.get("classes")
+    if isinstance(classes, list) and all(isinstance(c, str) for c in classes):
+        out["classes"] = list(classes)
+    palette = data.get("palette")
+    if path.suffix.lower() == ".png" and "classes" in out and flat:
+        palette = [flat[3 * i: 3 * i + 3] for i in range(min(len(out["classes"]), len(flat) // 3))]
+    if isinstance(palette, list) and all(isinstance(c, list) and len(c) == 3 and
+                                         all(isinstance(v, int) and 0 <= v <= 255 for v in c) for c in palette):
+        out["palette"] = [list(c) for c in palette]
+    return out
 
 
 def write_image(path: str | Path, image: np.ndarray) -> Path:
@@ -267,6 +317,18 @@ def _writing(path: Path) -> Iterator[Path]:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             reason += " (the disk is full: nothing was written)"
         raise FineMaskError(f"cannot write the file: {reason}", path) from None
+
+
+def _label_info_json(classes: list[str] | None, palette: list[list[int]] | None) -> str:
+    """The ``finemask`` JSON of a label file ("" when there is nothing to carry); 7-bit ASCII."""
+    import json
+
+    info: dict[str, list] = {}
+    if classes:
+        info["classes"] = [str(c) for c in classes]
+    if palette:
+        info["palette"] = [[int(v) for v in c[:3]] for c in palette]
+    return json.dumps({LABEL_INFO_KEY: info}, ensure_ascii=True) if info else ""
 
 
 def _palette_bytes(palette: list[list[int]] | None) -> list[int]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -104,20 +105,30 @@ class Segmenter:
         for i, arr in enumerate(arrays):
             groups.setdefault(fit_longer_side(*arr.shape[:2], longer), []).append(i)
         results: list[SegResult | None] = [None] * len(arrays)
-        done = 0
+        # Progress in steps: one per image through the network, one per row strip of its upsampling.
+        strips = [-(-arr.shape[0] // STRIP_ROWS) for arr in arrays]
+        total, done = len(arrays) + sum(strips), 0
+
+        def report(step: int, message: str) -> None:
+            if on_progress is not None:
+                on_progress(step, total, message)
+
         for shape, group in groups.items():
             size = self.batch_that_fits(shape, [arrays[i].shape[:2] for i in group])
             for c0 in range(0, len(group), size):
                 if cancel is not None and cancel():
                     raise Cancelled("segmentation cancelled")
                 idx = group[c0:c0 + size]
+                report(done, f"running the model at {shape[1]}x{shape[0]}")
                 batch = torch.stack([resize(to_tensor(arrays[i])[None], shape)[0] for i in idx])
                 low = self.logits(batch).softmax(dim=1).float().cpu()
-                for j, i in enumerate(idx):
-                    results[i] = _full_size_result(low[j], arrays[i].shape[:2], shape)
                 done += len(idx)
-                if on_progress is not None:
-                    on_progress(done, len(arrays), "segmented")
+                for j, i in enumerate(idx):
+                    H, W = arrays[i].shape[:2]
+                    rows = partial(_report_rows, report, done, f"upsampling to {W}x{H}") if on_progress else None
+                    results[i] = _full_size_result(low[j], (H, W), shape, on_rows=rows)
+                    done += strips[i]
+        report(total, "segmented")
         return results  # type: ignore[return-value]
 
     def batch_that_fits(self, working: tuple[int, int], full_shapes: list[tuple[int, int]]) -> int:
@@ -185,8 +196,14 @@ def load_inference_state(model: torch.nn.Module, state: dict[str, torch.Tensor],
     model.load_state_dict({k: state[k] for k in own})
 
 
-def _full_size_result(low_probs: torch.Tensor, full: tuple[int, int], working: tuple[int, int]) -> SegResult:
-    """Upsample (C, h, w) probabilities to ``full`` in row strips; labels from the argmax."""
+def _report_rows(report: Callable[[int, str], None], start: int, what: str, strip: int, row: int, rows: int) -> None:
+    report(start + strip, f"{what}: rows {row}/{rows}")
+
+
+def _full_size_result(low_probs: torch.Tensor, full: tuple[int, int], working: tuple[int, int],
+                      on_rows: Callable[[int, int, int], None] | None = None) -> SegResult:
+    """Upsample (C, h, w) probabilities to ``full`` in row strips; labels from the argmax.
+    ``on_rows(strips done, rows done, rows)`` after each strip."""
     H, W = full
     C = low_probs.shape[0]
     probs = np.empty((C, H, W), dtype=np.float16)
@@ -197,6 +214,8 @@ def _full_size_result(low_probs: torch.Tensor, full: tuple[int, int], working: t
         strip = low_probs[:, r0:r1] if same else upsample_rows(low_probs, (H, W), r0, r1)
         probs[:, r0:r1] = strip.numpy().astype(np.float16)
         labels[r0:r1] = strip.argmax(dim=0).numpy()
+        if on_rows is not None:
+            on_rows(r0 // STRIP_ROWS + 1, r1, H)
     return SegResult(labels=labels, probs=probs, working_size=working)
 
 

@@ -432,13 +432,17 @@ def _phase(report: ProgressFn, what: str) -> ProgressFn:
 
 
 def _with_eta(report: ProgressFn, cfg: FinetuneConfig) -> ProgressFn:
-    """Adds the ETA (from the step rate of this sitting, capped by the time budget) to the message."""
+    """Adds the ETA (from the step rate of this sitting, capped by the time budget) to the message.
+
+    The sitting starts when this is made (just before the training loop), so the first step's
+    report already has a rate (its time includes the loop's set-up: an estimate on the safe side)."""
+    created = time.perf_counter()
     start: list[tuple[float, int]] = []
 
     def progress(step: int, total: int, message: str) -> None:
         now = time.perf_counter()
         if not start:
-            start.append((now, step - 1))
+            start.append((created, step - 1))
         t0, s0 = start[0]
         rate = (now - t0) / max(step - s0, 1)
         eta = rate * (total - step)

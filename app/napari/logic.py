@@ -109,12 +109,70 @@ def layer_to_classes(values: np.ndarray, num_classes: int | None = None) -> np.n
     return values.astype(np.uint8) - np.uint8(1)  # 0 wraps round to 255 = UNLABELLED
 
 
-def label_colours(palette: Sequence[Sequence[int]]) -> dict[int | None, tuple[float, ...]]:
-    """A napari direct colour map: value k + 1 gets class k's colour; 0 is transparent."""
+#: Class names drawn transparent: the "nothing here" class of a model (idrid's background would
+#: otherwise cover the whole fundus in black).
+BACKGROUND_NAMES = frozenset({"background", "void"})
+
+
+def is_background(name: str) -> bool:
+    """Whether a class of this name is drawn transparent (:data:`BACKGROUND_NAMES`)."""
+    return str(name).strip().lower() in BACKGROUND_NAMES
+
+
+def label_colours(palette: Sequence[Sequence[int]],
+                  classes: Sequence[str] | None = None) -> dict[int | None, tuple[float, ...]]:
+    """A napari direct colour map: value k + 1 gets class k's colour; 0 (unlabelled) and the
+    background classes named in ``classes`` are transparent."""
     colours: dict[int | None, tuple[float, ...]] = {None: UNKNOWN_COLOUR, 0: TRANSPARENT}
     for k, rgb in enumerate(palette):
-        colours[k + 1] = tuple(float(c) / 255.0 for c in rgb[:3]) + (1.0,)
+        background = classes is not None and k < len(classes) and is_background(classes[k])
+        colours[k + 1] = TRANSPARENT if background else tuple(float(c) / 255.0 for c in rgb[:3]) + (1.0,)
     return colours
+
+
+def legend_html(classes: Sequence[str], palette: Sequence[Sequence[int]]) -> str:
+    """The class legend of the dock: a colour swatch and the name per class (rich text)."""
+    import html
+
+    rows = []
+    for k, name in enumerate(classes):
+        rgb = palette[k] if k < len(palette) else (128, 128, 128)
+        colour = "#{:02x}{:02x}{:02x}".format(*(int(c) for c in rgb[:3]))
+        note = " (not drawn)" if is_background(name) else ""
+        rows.append(f'<span style="background-color:{colour}">&nbsp;&nbsp;&nbsp;&nbsp;</span>&nbsp;'
+                    f"{html.escape(str(name))}{note}")
+    return "<br>".join(rows)
+
+
+def duration_text(seconds: float) -> str:
+    """``seconds`` as "45 s", "12 min" or "2 h 05 min"."""
+    seconds = max(0.0, float(seconds))
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    minutes = round(seconds / 60)
+    return f"{minutes} min" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+def expected_duration(steps: int, budget_s: float | None, seconds_per_step: float | None) -> str:
+    """What a fine-tuning run will take, said before it starts: the time budget and, once a step
+    rate was measured on this machine, the steps' estimate (the run stops at whichever comes first)."""
+    estimate = steps * seconds_per_step if seconds_per_step else None
+    if budget_s:
+        if estimate is not None and estimate < budget_s:
+            return f"about {duration_text(estimate)} ({steps} steps at {seconds_per_step:.2g} s/step), then evaluation"
+        return f"about {duration_text(budget_s)} (the time budget; {steps} steps at most), then evaluation"
+    if estimate is not None:
+        return f"about {duration_text(estimate)} ({steps} steps at {seconds_per_step:.2g} s/step), then evaluation"
+    return (f"{steps} steps with no time limit: the duration is unknown until a run has measured this "
+            "machine's speed (minutes to hours); set a time budget")
+
+
+def finetune_fraction(step: int, total: int, elapsed_s: float | None, budget_s: float | None) -> float:
+    """How far a fine-tuning run is (0..1): by steps, or by time when the time budget ends it sooner."""
+    fraction = step / total if total else 0.0
+    if budget_s and elapsed_s is not None:
+        fraction = max(fraction, elapsed_s / budget_s)
+    return min(max(fraction, 0.0), 1.0)
 
 
 def class_features(classes: Sequence[str]) -> dict[str, list]:

@@ -1,13 +1,18 @@
-"""Reader for the images and labels FineMask writes: palette PNGs, store TIFFs, label TIFFs.
+"""Reader for the files FineMask writes: labels with class names, and annotation store files.
 
-It claims a file only when it is confidently FineMask's, so ordinary microscopy TIFFs and photos
-stay with napari's own reader (napari asks the user when two readers claim a file):
+napari picks readers by file name alone (npe2 ``filename_patterns``) and asks the user to choose
+whenever two readers match, so the manifest registers only names that are FineMask's:
 
-- a palette PNG (class ids with colours): labels;
-- any image or labels file inside an annotation store (``images/`` or ``labels/`` next to a
-  ``manifest.json``): image or labels;
-- a single-channel integer TIFF with at most :data:`MAX_LABEL_VALUES` distinct values
-  (what ``finemask segment -o x.tif`` writes): labels.
+- ``*.finemask.tif`` / ``*.finemask.tiff`` / ``*.finemask.png``: labels FineMask's writer wrote
+  (class names and colours inside: ``engine.io.read_label_info``);
+- ``*.v<N>.tif``: a labels version in an annotation store (``labels/<id>.v<N>.tif``).
+
+Ordinary photos and microscopy files never match, so napari's own reader opens them without a
+dialog. A file this reader is asked for (by those patterns, by ``plugin="finemask"``, or because
+the user told napari to remember FineMask for an extension) is never refused when it is a
+readable 2-D image: what is not labels opens as an image, read by ``engine.io`` (EXIF
+orientation, 16-bit colour PNGs, truncated-file checks). Stacks and other layouts napari's own
+reader handles are left to it (the hook returns None).
 
 Labels open as a FineMask Labels layer: value = class id + 1, 0 = unlabelled (see logic.py).
 """
@@ -27,12 +32,14 @@ from .logic import UNLABELLED, class_features, classes_to_layer, label_colours
 LayerData = tuple[np.ndarray, dict[str, Any], str]
 #: A single-channel integer TIFF with at most this many distinct values is read as labels.
 MAX_LABEL_VALUES = 64
+#: The name FineMask's writer gives label files (before .tif/.png): what the manifest's patterns match.
+FINEMASK_SUFFIX = ".finemask"
 _IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 _LABEL_SUFFIXES = (".tif", ".tiff", ".png")
 
 
 def get_reader(path: str | list[str]) -> Callable[[Any], list[LayerData]] | None:
-    """npe2 reader hook: a function reading ``path`` if it is FineMask's, else None."""
+    """npe2 reader hook: a function reading ``path`` if this reader can, else None."""
     paths = [path] if isinstance(path, (str, Path)) else list(path)
     if not paths or any(file_kind(p) is None for p in paths):
         return None
@@ -49,7 +56,7 @@ def read(path: str | list[str]) -> list[LayerData]:
         elif kind == "image":
             layers.append(read_image_layer(p))
         else:
-            raise FineMaskError("not an image or label file FineMask wrote", p)
+            raise FineMaskError("not a 2-D image or label file", p)
     return layers
 
 
@@ -67,7 +74,7 @@ def store_root(path: str | Path) -> Path | None:
 
 
 def file_kind(path: str | Path) -> str | None:
-    """"labels", "image" or None (not a file this reader should claim)."""
+    """"labels", "image" or None (a file this reader leaves to others)."""
     try:
         return _file_kind(Path(path))
     except OSError:  # e.g. a name too long for the file system: not ours to read
@@ -78,22 +85,29 @@ def _file_kind(path: Path) -> str | None:
     suffix = path.suffix.lower()
     if suffix not in _IMAGE_SUFFIXES or not path.is_file():
         return None
-    root = store_root(path)
-    if root is not None:
-        if path.parent.name == "labels":
-            return "labels" if suffix in _LABEL_SUFFIXES else None  # a .jpg is nobody's label map
-        return "image"
-    if suffix == ".png":
-        from PIL import Image
+    if suffix in _LABEL_SUFFIXES:
+        from engine.io import read_label_info
 
-        try:
-            with Image.open(path) as im:
-                return "labels" if im.mode == "P" and im.format == "PNG" else None  # not a GIF named .png
-        except Exception:  # noqa: BLE001 - not a readable PNG: leave it to other readers
-            return None
-    if suffix in (".tif", ".tiff"):
-        return "labels" if _label_like_tiff(path) else None
-    return None
+        if read_label_info(path).get("classes"):
+            return "labels"  # names inside: written by FineMask
+    root = store_root(path)
+    if root is not None and path.parent.name == "labels":
+        return "labels" if suffix in _LABEL_SUFFIXES else None  # a .jpg is nobody's label map
+    if root is None and suffix == ".png" and _palette_png(path):
+        return "labels"
+    if root is None and suffix in (".tif", ".tiff") and _label_like_tiff(path):
+        return "labels"
+    return "image" if _plain_2d_image(path) else None
+
+
+def _palette_png(path: Path) -> bool:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.mode == "P" and im.format == "PNG"  # not a GIF named .png
+    except Exception:  # noqa: BLE001 - not a readable PNG: leave it to other readers
+        return False
 
 
 def _label_like_tiff(path: Path) -> bool:
@@ -114,75 +128,80 @@ def _label_like_tiff(path: Path) -> bool:
     return np.unique(data).size <= MAX_LABEL_VALUES
 
 
+def _plain_2d_image(path: Path) -> bool:
+    """A file engine.io reads as one 2-D picture (a multi-page TIFF is a stack: napari's reader
+    shows all of it); damaged files count, so that reading them gives engine.io's error."""
+    if path.suffix.lower() not in (".tif", ".tiff"):
+        return True
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            return len(tif.pages) == 1 and len(tif.series) <= 1
+    except Exception:  # noqa: BLE001 - damaged: engine.io names the problem when it is read
+        return True
+
+
 def read_labels_layer(path: str | Path) -> LayerData:
-    """A labels file as a FineMask Labels layer (palette from the PNG, names from the store)."""
-    from engine.io import default_palette, read_labels
+    """A labels file as a FineMask Labels layer (names and colours from the file or the store)."""
+    from engine.io import default_palette, read_label_info, read_labels
 
     path = Path(path)
     classes_ids = read_labels(path)
     if classes_ids.size and int(classes_ids.max()) > UNLABELLED:
         raise FineMaskError(f"class id {int(classes_ids.max())} is beyond what the plugin shows (0..254)", path)
     present = int(classes_ids[classes_ids != UNLABELLED].max(initial=0))
-    names = _store_class_names(path)
-    if names is None or len(names) <= present:
+    info = read_label_info(path)
+    store_names, pair_id = _store_pair(path)
+    names = info.get("classes") or store_names
+    named = names is not None and len(names) > present
+    if not named:
         names = [f"class {i}" for i in range(present + 1)]
-    palette = _png_palette(path, len(names)) or default_palette(len(names))[: len(names)]
-    meta = {"finemask": {"classes": names, "palette": palette, "origin": "corrected", "file": str(path)}}
-    kwargs = {"name": path.stem, "colormap": label_colours(palette), "features": class_features(names),
+    palette = info.get("palette") or _png_palette(path, len(names)) or default_palette(len(names))
+    palette = (palette + default_palette(len(names))[len(palette):])[: len(names)]
+    meta = {"finemask": {"origin": "corrected", "file": str(path)}}
+    if named:  # names the file or its store gives; made-up ones stay out (the dock asks for real ones)
+        meta["finemask"].update(classes=list(names), palette=palette)
+    if pair_id is not None:  # the pair's current labels: saving them again makes a new version, no question
+        meta["finemask"]["pair"] = {"store": str(store_root(path)), "id": pair_id}
+    kwargs = {"name": _layer_name(path), "colormap": label_colours(palette, names), "features": class_features(names),
               "metadata": meta}
     return classes_to_layer(classes_ids), kwargs, "labels"
 
 
 def read_image_layer(path: str | Path) -> LayerData:
-    """An image file as an Image layer, pixels as stored (uint8/uint16...).
-
-    Other pixel types and layouts are normalised (and checked) the engine's way; a bad file is a
-    FineMaskError naming it.
-    """
-    from engine.io import image_shape, read_image
+    """An image file as an Image layer, pixels as decoded by ``engine.io.read_pixels`` (uint8/uint16
+    kept; EXIF orientation applied; a bad file is a FineMaskError naming it)."""
+    from engine.io import read_pixels
 
     path = Path(path)
-    image_shape(path)  # the engine's checks of the file type, header and pixel limit, before decoding
-    try:
-        data = _stored_pixels(path)
-    except Exception as exc:  # noqa: BLE001 - the decoders raise many types for damaged files
-        raise FineMaskError(f"cannot read the image: corrupt or truncated file ({exc})", path) from None
-    if data is None:
-        data = (read_image(path) * 255 + 0.5).astype(np.uint8)
+    data = read_pixels(path)
+    if data.ndim == 3 and data.shape[-1] == 1 or data.ndim == 3 and data.shape[-1] == 2:
+        data = data[..., 0]
     rgb = data.ndim == 3
-    return data, {"name": path.stem, "rgb": rgb, "metadata": {"source_file": str(path)}}, "image"
+    return data, {"name": _layer_name(path), "rgb": rgb, "metadata": {"source_file": str(path)}}, "image"
 
 
-def _stored_pixels(path: Path) -> np.ndarray | None:
-    """The first image of ``path`` as stored when it is uint8/uint16 gray, RGB or RGBA, else None."""
-    if path.suffix.lower() in (".tif", ".tiff"):
-        import tifffile
-
-        with tifffile.TiffFile(path) as tif:
-            page = tif.pages[0]
-            samples_ok = page.axes == "YX" or (page.axes == "YXS" and page.shape[-1] in (3, 4))
-            if not samples_ok or np.dtype(page.dtype) not in (np.uint8, np.uint16):
-                return None
-            return page.asarray()
-    from PIL import Image
-
-    with Image.open(path) as im:
-        if im.mode not in ("L", "I;16", "RGB", "RGBA"):
-            return None
-        im.load()
-        return np.asarray(im)
+def _layer_name(path: Path) -> str:
+    name = path.stem
+    return name[: -len(FINEMASK_SUFFIX)] if name.lower().endswith(FINEMASK_SUFFIX) else name
 
 
-def _store_class_names(path: Path) -> list[str] | None:
+def _store_pair(path: Path) -> tuple[list[str] | None, str | None]:
+    """The class names of the store holding ``path`` and the id of the pair whose current labels
+    it is (None, None outside a store)."""
     root = store_root(path)
     if root is None:
-        return None
+        return None, None
     from engine.store import Store
 
     try:
-        return Store.open(root, create=False).class_names
+        store = Store.open(root, create=False)
+        target = path.resolve()
+        pair = next((rec.id for rec in store.pairs() if Path(rec.labels_path).resolve() == target), None)
+        return store.class_names, pair
     except FineMaskError:
-        return None
+        return None, None
 
 
 def _png_palette(path: Path, n: int) -> list[list[int]] | None:

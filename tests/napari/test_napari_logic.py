@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -215,38 +216,102 @@ def test_saving_the_same_image_file_again_updates_its_pair(tmp_path, scene):
     assert b.pair_id == "photo" and not b.created and len(store) == 1
 
 
-def test_writer_and_reader_round_trip(tmp_path):
+def test_writer_and_reader_round_trip_names_and_colours(tmp_path):
     values = np.array([[0, 1, 2], [3, 3, 1]], np.uint8)
-    path = tmp_path / "labels.tif"
-    writer.write_labels(str(path), values, {"metadata": {"finemask": {"classes": ["a", "b", "c"]}}})
-    stored = tifffile.imread(path)
+    palette = [[10, 20, 30], [40, 50, 60], [70, 80, 90]]
+    meta = {"metadata": {"finemask": {"classes": ["sky", "road", "car"], "palette": palette}}}
+    for asked, written_as in (("labels.tif", "labels.finemask.tif"), ("mask.png", "mask.finemask.png"),
+                              ("again.finemask.tif", "again.finemask.tif"), ("bare", "bare.finemask.tif")):
+        (written,) = writer.write_labels(str(tmp_path / asked), values, meta)
+        assert written == str(tmp_path / written_as)  # the name napari offers FineMask's reader for
+        assert reader.get_reader(written) is not None
+        data, kwargs, kind = reader.read(written)[0]
+        assert kind == "labels" and kwargs["name"] == written_as.split(".")[0]
+        np.testing.assert_array_equal(data, values)
+        assert kwargs["metadata"]["finemask"]["classes"] == ["sky", "road", "car"]
+        assert kwargs["features"]["class"] == ["unlabelled", "sky", "road", "car"]
+        assert kwargs["colormap"][2] == pytest.approx((40 / 255, 50 / 255, 60 / 255, 1.0))
+    stored = tifffile.imread(tmp_path / "labels.finemask.tif")
     assert stored.dtype == np.uint16
     np.testing.assert_array_equal(stored, [[255, 0, 1], [2, 2, 0]])
-    assert reader.get_reader(str(path)) is not None
-    data, kwargs, kind = reader.read(str(path))[0]
-    assert kind == "labels"
-    np.testing.assert_array_equal(data, values)
-    assert kwargs["features"]["class"] == ["unlabelled", "class 0", "class 1", "class 2"]
     with pytest.raises(FineMaskError, match="label 3 is not a class"):
-        writer.write_labels(str(tmp_path / "bad.tif"), values, {"metadata": {"finemask": {"classes": ["a", "b"]}}})
+        writer.write_labels(str(tmp_path / "bad.tif"), values,
+                            {"metadata": {"finemask": {"classes": ["a", "b"]}}})
+    with pytest.raises(FineMaskError, match=r"\.tif, \.tiff or \.png"):
+        writer.write_labels(str(tmp_path / "x.jpg"), values, meta)
 
 
-def test_reader_claims_only_finemask_files(tmp_path, scene):
+def test_label_files_carry_names_and_palette_backward_compatibly(tmp_path):
+    from engine.io import read_label_info, read_labels, write_labels
+
+    labels = np.array([[0, 1], [2, 1]], np.uint8)
+    plain = write_labels(tmp_path / "plain.tif", labels)
+    assert read_label_info(plain) == {}  # as before: no names, same pixels
+    named = write_labels(tmp_path / "named.tif", labels, classes=["a", "b", "c"], palette=[[1, 2, 3]] * 3)
+    assert read_label_info(named) == {"classes": ["a", "b", "c"], "palette": [[1, 2, 3]] * 3}
+    png = write_labels(tmp_path / "named.png", labels, classes=["a", "b", "c"], palette=[[9, 8, 7]] * 3)
+    assert read_label_info(png) == {"classes": ["a", "b", "c"], "palette": [[9, 8, 7]] * 3}
+    for path in (plain, named, png):
+        np.testing.assert_array_equal(read_labels(path), labels)
+    assert read_label_info(write_labels(tmp_path / "palette.png", labels, palette=[[1, 1, 1]])) == {}
+
+
+def test_reader_patterns_claim_only_finemask_names():
+    import yaml
+
+    manifest = yaml.safe_load((Path(reader.__file__).parent / "napari.yaml").read_text())
+    patterns = manifest["contributions"]["readers"][0]["filename_patterns"]
+    from fnmatch import fnmatch
+
+    def claimed(name):
+        return any(fnmatch(name, p) for p in patterns)
+
+    for ours in ("x.finemask.tif", "x.finemask.png", "frame_01.v3.tif", "a.b.finemask.tiff"):
+        assert claimed(ours), ours
+    for theirs in ("photo.jpg", "photo.png", "cells.tif", "scan.tiff", "IMG_0001.JPG", "labels.tif", "mask.png"):
+        assert not claimed(theirs.lower()), theirs
+
+
+def test_reader_reads_pixels_through_engine_io(tmp_path, scene):
+    """EXIF orientation, 16-bit colour PNGs and truncated files: the engine's rules, not PIL's."""
+    import imagecodecs
+
+    turned = tmp_path / "turned.finemask.png"  # any file given to this reader (say, a remembered choice)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    Image.fromarray(scene).save(turned, exif=exif.tobytes())
+    image, _, kind = reader.read(str(turned))[0]
+    assert kind == "image" and image.shape == (scene.shape[1], scene.shape[0], 3)
+    np.testing.assert_array_equal(image, np.rot90(scene, k=-1))
+
+    deep = (np.arange(48 * 40 * 3, dtype=np.uint32).reshape(48, 40, 3) * 17 % 65536).astype(np.uint16)
+    deep_path = tmp_path / "deep.png"
+    deep_path.write_bytes(imagecodecs.png_encode(deep))
+    data, meta, kind = reader.read(str(deep_path))[0]
+    assert kind == "image" and data.dtype == np.uint16 and meta["rgb"]
+    np.testing.assert_array_equal(data, deep)
+
+    short = tmp_path / "short.png"
+    full = (tmp_path / "full.png")
+    Image.fromarray(scene).save(full)
+    short.write_bytes(full.read_bytes()[:-200])
+    with pytest.raises(FineMaskError, match="short.png"):
+        reader.read(str(short))
+
+
+def test_reader_opens_store_files_with_the_store_names(tmp_path, scene):
     from engine.io import write_labels
 
-    palette_png = tmp_path / "mask.png"
-    palette = [[10, 20, 30], [40, 50, 60], [70, 80, 90]]
-    write_labels(palette_png, np.array([[0, 1], [1, 2]], np.uint8), palette=palette)
+    palette_png = tmp_path / "mask.png"  # a palette PNG (what `finemask segment -o x.png` writes)
+    write_labels(palette_png, np.array([[0, 1], [1, 2]], np.uint8), palette=[[10, 20, 30], [40, 50, 60], [7, 8, 9]])
     data, kwargs, kind = reader.read(str(palette_png))[0]
     np.testing.assert_array_equal(data, [[1, 2], [2, 3]])
     assert kwargs["colormap"][2] == pytest.approx((40 / 255, 50 / 255, 60 / 255, 1.0))
+    assert "classes" not in kwargs["metadata"]["finemask"]  # no made-up names: the dock asks for real ones
 
-    photo = tmp_path / "photo.png"
-    Image.fromarray(scene).save(photo)
     micro = tmp_path / "cells.tif"
-    tifffile.imwrite(micro, np.arange(64 * 96, dtype=np.uint16).reshape(64, 96))
-    assert reader.get_reader(str(photo)) is None  # napari's own reader opens ordinary images
-    assert reader.get_reader(str(micro)) is None
+    tifffile.imwrite(micro, np.arange(5 * 64 * 96, dtype=np.uint16).reshape(5, 64, 96))
+    assert reader.get_reader(str(micro)) is None  # a stack: napari's own reader shows all of it
 
     store = Store.open(tmp_path / "store")
     store.set_class_names(["sky", "ground"])
@@ -258,6 +323,24 @@ def test_reader_claims_only_finemask_files(tmp_path, scene):
     labels, kwargs, kind = reader.read(str(rec.labels_path))[0]
     assert kind == "labels" and (labels == 2).all()
     assert kwargs["features"]["class"] == ["unlabelled", "sky", "ground"]
+    assert kwargs["metadata"]["finemask"]["pair"] == {"store": str(store.root), "id": pid}
+
+
+def test_background_classes_are_transparent_and_listed_in_the_legend():
+    colours = logic.label_colours([[0, 0, 0], [255, 0, 0]], ["background", "lesion"])
+    assert colours[1] == logic.TRANSPARENT and colours[2] == (1.0, 0.0, 0.0, 1.0)
+    legend = logic.legend_html(["background", "lesion"], [[0, 0, 0], [255, 0, 0]])
+    assert "#ff0000" in legend and "lesion" in legend and "background (not drawn)" in legend
+
+
+def test_fine_tuning_duration_and_progress_words():
+    assert "about 5 min" in logic.expected_duration(300, 300.0, None)
+    assert logic.expected_duration(300, 300.0, 0.5) .startswith("about 2 min (300 steps at 0.5 s/step)")
+    assert "about 5 min (the time budget" in logic.expected_duration(300, 300.0, 4.0)
+    assert "no time limit" in logic.expected_duration(300, None, None)
+    assert logic.expected_duration(300, None, 30.0).startswith("about 2 h 30 min")
+    assert logic.finetune_fraction(18, 300, 290.0, 300.0) == pytest.approx(290 / 300)  # the budget ends it first
+    assert logic.finetune_fraction(150, 300, 1.0, None) == 0.5
 
 
 def test_sample_data():

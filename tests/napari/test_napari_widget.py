@@ -101,11 +101,11 @@ def test_segment_refine_correct_save_finetune_undo(make_napari_viewer, qtbot, ti
     assert shot.shape[1] > canvas.shape[1]  # the docked widget is in the window screenshot
 
     # --- refine (full): full-size result, a view of what changed
-    widget.labels_choice.value = labels
+    assert widget.labels_choice.value is labels  # the segmentation is the labels being worked on
     assert tuple(widget.refine_mode.choices) == ("full", "fast", "local")
     widget.refine_mode.value = "full"
     run_job(qtbot, widget, widget.refine)
-    refined = viewer.layers["scene labels refined"]
+    refined = viewer.layers["scene labels refined (full)"]
     changes = viewer.layers["scene labels changes"]
     assert refined.data.shape == scene.shape[:2]
     assert set(np.unique(refined.data)) <= set(np.unique(labels.data))
@@ -113,7 +113,7 @@ def test_segment_refine_correct_save_finetune_undo(make_napari_viewer, qtbot, ti
     assert not changes.visible
     widget.show_changes.value = True
     assert changes.visible
-    assert widget.save_labels_choice.value is refined
+    assert widget.labels_choice.value is refined
 
     # --- correct: paint with napari's own tool; the layer is now "corrected"
     widget.paint_class.value = 3  # class 2
@@ -163,9 +163,11 @@ def test_segment_refine_correct_save_finetune_undo(make_napari_viewer, qtbot, ti
 
     # --- the manifest's writer and reader: a uint16 class TIFF that opens as the same layer
     written = refined.save(str(tmp_path / "corrected.tif"), plugin="finemask")
+    assert written == [str(tmp_path / "corrected.finemask.tif")]
     assert tifffile.imread(written[0]).dtype == np.uint16
     (reopened,) = viewer.open(written[0], plugin="finemask")
     np.testing.assert_array_equal(reopened.data, refined.data)
+    assert reopened.metadata["finemask"]["classes"] == info["classes"]
 
     # --- next session: a new widget opens the remembered store and lists the new version
     listeners = len(viewer.layers.events.inserted.callbacks)
@@ -176,7 +178,7 @@ def test_segment_refine_correct_save_finetune_undo(make_napari_viewer, qtbot, ti
     again.deleteLater()
     qtbot.waitUntil(lambda: len(viewer.layers.events.inserted.callbacks) == listeners, timeout=2000)
     viewer.add_labels(np.zeros((4, 4), np.uint8), name="after")  # the deleted widget no longer listens
-    assert widget.labels_choice.choices[-1] is viewer.layers["after"]
+    assert widget.labels_choice.value is viewer.layers["after"]  # a new layer is the one to work on
 
 
 def test_screenshot_of_the_outdoor_sample_segmented(make_napari_viewer, qtbot, tmp_path):
@@ -185,7 +187,7 @@ def test_screenshot_of_the_outdoor_sample_segmented(make_napari_viewer, qtbot, t
     widget = open_widget(viewer)
     viewer.window._qt_window.resize(1500, 1100)
     viewer.open_sample("finemask", "outdoor")
-    widget.image_choice.value = viewer.layers["outdoor"]
+    assert widget.image_choice.value is viewer.layers["outdoor"]  # chosen without asking
     run_job(qtbot, widget, widget.segment)
     labels = viewer.layers["outdoor labels"]
     assert labels.data.shape == (1468, 2199)
@@ -270,7 +272,7 @@ def test_failures_are_notified_with_their_cause(make_napari_viewer, qtbot, scene
     qtbot.waitUntil(lambda: not widget.busy, timeout=JOB_TIMEOUT_MS)
     assert any("refine-light" in n.message and "not installed" in n.message for n in notifications)
 
-    widget.save_labels_choice.value = drawn
+    assert widget.labels_choice.value is drawn
     widget.save()  # no store folder chosen
     assert any("choose a store folder" in n.message for n in notifications)
     (tmp_path / "file").write_text("x")
@@ -293,7 +295,7 @@ def test_4k_image_gives_full_resolution_labels_and_painting_stays_fast(make_napa
     assert labels.data.shape == (2160, 3840) and labels.data.dtype == np.uint8
     widget.refine_mode.value = "fast"
     run_job(qtbot, widget, widget.refine)
-    refined = viewer.layers["big labels refined"]
+    refined = viewer.layers["big labels refined (fast)"]
     assert refined.data.shape == (2160, 3840)
 
     refined.brush_size = 40
