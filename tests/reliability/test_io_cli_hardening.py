@@ -227,8 +227,6 @@ def test_awkward_output_paths_are_one_line_before_any_model_loads(tmp_path, caps
 
 def test_full_disk_while_writing_is_one_line_naming_the_file_and_leaves_nothing(tmp_path, capsys, models,
                                                                                   monkeypatch):
-    import engine.io
-
     def half_then_full(path, data, **kwargs):
         Path(path).write_bytes(b"II*\x00" + b"\x00" * 100)  # part of a file, then the disk is full
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -236,7 +234,7 @@ def test_full_disk_while_writing_is_one_line_naming_the_file_and_leaves_nothing(
     image = write_image(tmp_path / "x.png", rgb8(*SHAPE))
     out = tmp_path / "out" / "labels.tif"
     out.parent.mkdir()
-    monkeypatch.setattr(engine.io.tifffile, "imwrite", half_then_full)
+    monkeypatch.setattr(tifffile, "imwrite", half_then_full)  # the module engine.io writes TIFFs with
     code, _, err = run_cli(capsys, "segment", image, "-o", out, "--model", models[0])
     one_line_error(code, err, "segment", str(out), "No space left on device", "disk is full")
     assert list(out.parent.iterdir()) == [], "a partial or temporary file was left"
