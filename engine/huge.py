@@ -31,7 +31,7 @@ import tifffile
 import torch
 
 from .errors import Cancelled, FineMaskError
-from .io import image_shape, max_pixels_limit
+from .io import image_shape, max_pixels_limit, unit_rgb
 from .preprocess import fit_longer_side, resize, to_tensor, upsample_rows
 from .refine import GlobalResult, Refiner, arbitrate_classes, coarse_as_global
 from .tiling import STRIP_ROWS, Tile, area_resize
@@ -182,7 +182,7 @@ class LazyImage:
 
     def read(self) -> np.ndarray:
         """The whole image (for small ones): float32 RGB (H, W, 3) in [0, 1]."""
-        return unit_rgb(self[0:self.height, 0:self.width])
+        return unit_rgb(self[0:self.height, 0:self.width], copy=True)
 
     def close(self) -> None:
         self._array = None
@@ -225,15 +225,6 @@ def crop_of(image: Any, box: Box) -> Any:
         return image.crop(box)
     y0, y1, x0, x1 = box
     return image[y0:y1, x0:x1]
-
-
-def unit_rgb(crop: np.ndarray) -> np.ndarray:
-    """An (h, w, 3) crop in the file's dtype as float32 in [0, 1] (as ``engine.io.read_image``)."""
-    if crop.dtype == np.uint8:
-        return crop.astype(np.float32) / 255.0
-    if crop.dtype == np.uint16:
-        return crop.astype(np.float32) / 65535.0
-    return crop.astype(np.float32)
 
 
 def _zarr():
@@ -316,7 +307,7 @@ def segment_lazy(segmenter: Any, image: Any, working_size: int | None = None) ->
     if h <= H and w <= W:
         small = torch.from_numpy(area_resize(image, h, w, convert=unit_rgb)).permute(2, 0, 1)[None]
     else:  # smaller than the working size: small enough to read whole, enlarged as predict does
-        small = resize(to_tensor(unit_rgb(np.asarray(image[0:H, 0:W])))[None], (h, w))
+        small = resize(to_tensor(unit_rgb(np.asarray(image[0:H, 0:W]), copy=True))[None], (h, w))
     low = segmenter.logits(small).softmax(dim=1).float().cpu()[0]  # what predict_batch runs after resizing
     return CoarseSegmentation(low=low, full_shape=(H, W))
 
@@ -396,5 +387,4 @@ def _check_cancel(cancel: CancelFn | None) -> None:
 
 
 __all__ = ["HUGE_MAX_PIXELS", "HUGE_PIXELS", "CoarseSegmentation", "ImageCrop", "LazyImage", "LazyProbs",
-           "TileRunner", "crop_of", "is_lazy_readable", "local_tiles", "refine_labels_tiled", "segment_lazy",
-           "unit_rgb"]
+           "TileRunner", "crop_of", "is_lazy_readable", "local_tiles", "refine_labels_tiled", "segment_lazy"]

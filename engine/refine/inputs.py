@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import FineMaskError
+from ..io import unit_rgb  # noqa: F401 - the one image normaliser; refiner and labels import it from here
 
 
 def check_image(image: Any) -> np.ndarray:
@@ -22,24 +23,6 @@ def check_image(image: Any) -> np.ndarray:
         return image
     raise FineMaskError(f"image must be (H, W, 3) uint8 or float in [0, 1], got shape {image.shape} "
                         f"dtype {image.dtype}")
-
-
-def unit_rgb(crop: np.ndarray) -> np.ndarray:
-    """An image crop (h, w[, C]) as float32 RGB in [0, 1], shape (h, w, 3)."""
-    if crop.ndim == 2:
-        crop = crop[:, :, None]
-    crop = crop[:, :, :3]
-    if crop.dtype == np.uint8:
-        out = crop.astype(np.float32) / 255.0
-    elif crop.dtype == np.uint16:
-        out = crop.astype(np.float32) / 65535.0
-    elif crop.dtype.kind in "iu":
-        out = crop.astype(np.float32) / float(np.iinfo(crop.dtype).max)
-    else:
-        out = crop.astype(np.float32, copy=False)
-    if out.shape[2] == 1:
-        out = np.repeat(out, 3, axis=2)
-    return out
 
 
 def mask_binariser(mask: Any, shape: tuple[int, int]) -> tuple[np.ndarray, Callable[[np.ndarray], np.ndarray]]:
