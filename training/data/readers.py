@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.errors import FineMaskError
-from engine.io import IMAGE_SUFFIXES, LABEL_SUFFIXES, default_palette, read_image, read_labels
+from engine.io import IMAGE_SUFFIXES, LABEL_SUFFIXES, default_palette, read_image, read_labels, unit_rgb
 from training.augment import resize_image, resize_labels
 
 
@@ -269,7 +269,7 @@ class CachedDataset(SegmentationDataset):
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         image, labels = self._item(index)
-        return image.astype(np.float32) / 255.0, labels.copy()
+        return unit_rgb(image), labels.copy()
 
     def load_labels(self, index: int, shape: tuple[int, int] | None = None) -> np.ndarray:
         return self._item(index)[1].copy()

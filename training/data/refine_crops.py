@@ -32,7 +32,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from engine.errors import FineMaskError
-from engine.io import IMAGE_SUFFIXES, read_image
+from engine.io import IMAGE_SUFFIXES, read_image, unit_rgb
 from training.augment import color_jitter, random_grayscale, random_window, resize_image, resize_mask
 from training.perturb import PerturbConfig, lowres_mask, perturb_mask
 
@@ -113,7 +113,7 @@ class ClassMaskSource:
                 f"image is {image.shape[:2]} but its masks are {mask.shape}", ds.image_paths[index]
             )
         (r0, r1, c0, c1), gt = boundary_window(mask, rng, cfg, edges)
-        return resize_image(image[r0:r1, c0:c1].astype(np.float32) / 255.0, gt.shape), gt
+        return resize_image(unit_rgb(image[r0:r1, c0:c1]), gt.shape), gt
 
     def _load(self, key: tuple[int, str | None]):
         index, cls = key
@@ -166,7 +166,7 @@ class AlphaCompositeSource:
         image = self._images.get(self.image_paths[index])
         scale = _draw_scale(image.shape[:2], rng, cfg)
         (r0, r1, c0, c1), _ = random_window(image.shape[:2], (cfg.size, cfg.size), scale, rng)
-        return resize_image(image[r0:r1, c0:c1].astype(np.float32) / 255.0, (cfg.size, cfg.size))
+        return resize_image(unit_rgb(image[r0:r1, c0:c1]), (cfg.size, cfg.size))
 
     def _load_alpha(self, path: Path):
         alpha = np.round(read_image(path)[..., 0] * 255.0).astype(np.uint8)
@@ -182,7 +182,7 @@ class AlphaCompositeSource:
         if max(h, w) <= self.image_max_side:
             return image
         f = self.image_max_side / max(h, w)
-        small = resize_image(image.astype(np.float32) / 255.0, (max(1, round(h * f)), max(1, round(w * f))))
+        small = resize_image(unit_rgb(image), (max(1, round(h * f)), max(1, round(w * f))))
         return np.round(small * 255.0).astype(np.uint8)
 
 
