@@ -34,6 +34,7 @@ from .errors import Cancelled, FineMaskError
 from .io import image_shape, max_pixels_limit, unit_rgb
 from .preprocess import fit_longer_side, resize, to_tensor, upsample_rows
 from .refine import GlobalResult, Refiner, arbitrate_classes, coarse_as_global
+from .refine.results import keep_unseen
 from .tiling import STRIP_ROWS, Tile, area_resize
 
 ProgressFn = Callable[[int, int, str], None]
@@ -375,10 +376,11 @@ def _refine_box(image: Any, box: Box, mask: np.ndarray, refiner: Refiner, *, L: 
         glob = refiner.global_step(view, mask, lambda a: a, L)
     if fast:
         on_progress(1, 1, "done")
-        return refiner.upsample_global(glob)
-    return refiner.local_step(crop_of(image, box), glob, L, selection=selection, batch_size=batch_size,
+        return keep_unseen(refiner.upsample_global(glob), mask, glob)
+    conf = refiner.local_step(crop_of(image, box), glob, L, selection=selection, batch_size=batch_size,
                               on_progress=on_progress, cancel=cancel,
                               run_batches=lambda batches: run_tiles(box, glob, batches))
+    return keep_unseen(conf, mask, glob)
 
 
 def _check_cancel(cancel: CancelFn | None) -> None:

@@ -28,7 +28,7 @@ from ..models.cascadepsp import normalise_image
 from ..tiling import Tile, TileAccumulator, max_overlap, tile_grid
 from .classes import Box, ClassPlan, arbitrate
 from .inputs import unit_rgb
-from .results import GlobalResult, coarse_as_global
+from .results import GlobalResult, coarse_as_global, keep_unseen
 from .selection import TILE_MARGIN, select_tiles
 
 if TYPE_CHECKING:
@@ -57,6 +57,10 @@ def refine_label_map(refiner: Refiner, image: np.ndarray, labels: np.ndarray, pr
         if on_progress is not None:
             on_progress(done, total, message)
 
+    def _kept(conf: np.ndarray, c: int, glob: GlobalResult) -> np.ndarray:
+        y0, y1, x0, x1 = plan.boxes[c]
+        return keep_unseen(conf, labels[y0:y1, x0:x1] == c, glob)
+
     # 1. The global step of every class (or its coarse mask, for the local mode).
     globs: dict[int, GlobalResult] = {}
     images: dict[Box, torch.Tensor] = {}
@@ -75,7 +79,8 @@ def refine_label_map(refiner: Refiner, image: np.ndarray, labels: np.ndarray, pr
     images.clear()
     if fast:
         progress(n_global, "done")
-        confs: Iterator[tuple[int, np.ndarray]] = ((c, refiner.upsample_global(globs.pop(c))) for c in refined)
+        confs: Iterator[tuple[int, np.ndarray]] = ((c, _kept(refiner.upsample_global(globs[c]), c, globs.pop(c)))
+                                                   for c in refined)
         return arbitrate(labels, probs, plan, confs, return_confidence=return_confidence)
 
     # 2. The local step: (tile, class) pairs grouped by the image crop they read.
@@ -112,8 +117,8 @@ def refine_label_map(refiner: Refiner, image: np.ndarray, labels: np.ndarray, pr
 
     def confidences() -> Iterator[tuple[int, np.ndarray]]:
         for c in refined:
-            acc = accs.pop(c)[0]
-            yield c, acc.finish(fallback=globs.pop(c).full_rows)
+            acc, glob = accs.pop(c)[0], globs.pop(c)
+            yield c, _kept(acc.finish(fallback=glob.full_rows), c, glob)
 
     out = arbitrate(labels, probs, plan, confidences(), return_confidence=return_confidence)
     done = total

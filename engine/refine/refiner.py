@@ -22,7 +22,7 @@ from .classes import plan_classes
 from .labels import refine_label_map
 from .inputs import check_image, global_size, mask_binariser, pad8, unit_rgb
 from .loading import ARCHITECTURE, load_module, load_official
-from .results import GlobalResult, RefineStats, coarse_as_global
+from .results import GlobalResult, RefineStats, coarse_as_global, keep_unseen
 from .selection import SELECTIONS, TILE_MARGIN, select_tiles
 
 ProgressFn = Callable[[int, int, str], None]
@@ -142,12 +142,12 @@ class Refiner:
             if fast:
                 if on_progress:
                     on_progress(1, 1, "done")
-                return self.upsample_global(glob)
+                return keep_unseen(self.upsample_global(glob), mask, glob, binarise)
             t0 = time.perf_counter()
             out = self.local_step(image, glob, L, selection=selection, batch_size=batch_size,
                                   on_progress=on_progress, cancel=cancel)
             self.stats.local_seconds = time.perf_counter() - t0
-        return out
+        return keep_unseen(out, mask, glob, binarise)
 
     def refine_labels(self, image: np.ndarray, labels: np.ndarray, probs: np.ndarray | None = None, *,
                       fast: bool = False, L: int = 900, ignore_index: int | None = None,
@@ -227,16 +227,16 @@ class Refiner:
         if img is None:
             img = self.global_image(image, L)
         if max(H, W) > L:
-            seg = torch.from_numpy(area_resize(mask, gh, gw, convert=lambda a: binarise(a).astype(np.float64)))
-            seg = seg[None, None].to(self.device) * 2 - 1
+            cover = torch.from_numpy(area_resize(mask, gh, gw, convert=lambda a: binarise(a).astype(np.float64)))
         else:
-            seg = torch.from_numpy(binarise(mask).astype(np.float32))[None, None].to(self.device) * 2 - 1
+            cover = torch.from_numpy(binarise(mask).astype(np.float32))
             if (gh, gw) != (H, W):
-                seg = F.interpolate(seg, size=(gh, gw), mode="bilinear", align_corners=False)
-        out = self._forward(img, seg)
+                cover = F.interpolate(cover[None, None], size=(gh, gw), mode="bilinear", align_corners=False)[0, 0]
+        cover = cover.float()
+        out = self._forward(img, cover[None, None].to(self.device) * 2 - 1)
         os1 = torch.sigmoid(out["pass3_os1"][0, 0, :gh, :gw].float()).cpu()
         os4 = torch.sigmoid(out["pass3_os4"][0, 0, :gh, :gw].float()).cpu()
-        return GlobalResult(os1=os1, os4=os4, full_shape=(H, W))
+        return GlobalResult(os1=os1, os4=os4, full_shape=(H, W), seen=cover)
 
     @torch.inference_mode()
     def local_step(self, image: Any, glob: GlobalResult, L: int, *, selection: str = "cover",

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..tiling import Tile, bilinear_region
+from ..tiling import STRIP_ROWS, Tile, bilinear_region
 
 @dataclass
 class RefineStats:
@@ -36,6 +36,8 @@ class GlobalResult:
     os4: torch.Tensor
     full_shape: tuple[int, int]
     origin: tuple[int, int] | None = None
+    #: The coarse mask as the global step saw it: its coverage at (gh, gw), float32 in [0, 1].
+    seen: torch.Tensor | None = None
 
     def window(self, rows: tuple[int, int], cols: tuple[int, int]) -> GlobalResult:
         """The full-resolution window ``rows`` x ``cols`` (full-image coordinates) of this result."""
@@ -69,3 +71,26 @@ def coarse_as_global(mask: np.ndarray, binarise: Callable[[np.ndarray], np.ndarr
     """The binarised coarse mask in place of a global result (``skip_global``): full size, uint8 0/1."""
     fg = torch.from_numpy(binarise(np.asarray(mask)).astype(np.uint8, copy=False))
     return GlobalResult(os1=fg, os4=fg, full_shape=tuple(fg.shape), origin=(0, 0))
+
+
+def keep_unseen(conf: np.ndarray, mask: np.ndarray, glob: GlobalResult,
+                binarise: Callable[[np.ndarray], np.ndarray] = lambda a: a) -> np.ndarray:
+    """Keep the mask where the global step could not see it; ``conf`` (H, W) is changed in place.
+
+    The global step works at L px: a structure narrower than a few of its pixels (a lesion of
+    4K fundus photo at L = 900) covers less than half of every reduced pixel, so the network is
+    shown "background" there and can only erase it - and the local step, which starts from the
+    global result, cannot bring it back. Where the coarse mask holds but its reduced coverage
+    (``glob.seen``, enlarged bilinearly like the result) is at most 0.5, the confidence is set to
+    1: refinement decides only about what it could see. (Not in the reference, which erases such
+    structures; measured in docs/RESULTS.md.)
+    """
+    if glob.seen is None:
+        return conf
+    H, W = glob.full_shape
+    for r0 in range(0, H, STRIP_ROWS):
+        r1 = min(H, r0 + STRIP_ROWS)
+        cover = bilinear_region(glob.seen, (H, W), (r0, r1), (0, W)).numpy()
+        unseen = binarise(np.asarray(mask[r0:r1])) & (cover <= 0.5)
+        conf[r0:r1][unseen] = 1.0
+    return conf

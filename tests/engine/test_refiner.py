@@ -202,11 +202,31 @@ def test_fast_mode_is_the_resized_global_step():
     fast = ref.refine(img, mask, fast=True, L=96)
     glob = ref.global_step(img, mask, lambda a: a, 96)
     expect = bilinear_region(glob.os1, (150, 230), (0, 150), (0, 230)).numpy()
+    # ... except where the mask is too thin for the global step to see it: kept at 1
+    cover = bilinear_region(glob.seen, (150, 230), (0, 150), (0, 230)).numpy()
+    unseen = mask & (cover <= 0.5)
+    expect[unseen] = 1.0
     np.testing.assert_allclose(fast, expect, atol=1e-6)
     assert tuple(glob.os1.shape) == (62, 96)  # floor(150 * 96 / 230)
     # an image smaller than L is enlarged for the global step and shrunk back
     small = ref.refine(img[:40, :50], mask[:40, :50], fast=True, L=96)
     assert small.shape == (40, 50)
+
+
+def test_structures_too_thin_for_the_global_step_are_kept():
+    """A 2-px line at 1/8 scale covers a quarter of each reduced pixel: the global step is shown
+    background there and erases it; refinement keeps what it could not see."""
+    h, w = 400, 560
+    mask = np.zeros((h, w), bool)
+    mask[100:300, 100:300] = True  # resolvable: the global step decides about its boundary
+    mask[50:52, 320:540] = True  # a 2 px line: unseen at L = 96 (scale 1/5.8)
+    img = np.zeros((h, w, 3), np.uint8)
+    ref = tiny_refiner()
+    for fast in (True, False):
+        conf = ref.refine(img, mask, fast=fast, L=96)
+        assert np.all(conf[50:52, 330:530] == 1.0)
+        glob = ref.global_step(img, mask, lambda a: a, 96)
+        assert float(glob.seen.max()) == 1.0 and glob.seen.shape == glob.os1.shape
 
 
 def test_skip_global_runs_the_local_step_on_the_coarse_mask_itself(monkeypatch):
