@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -104,3 +105,8 @@ def history_entry(entry: dict[str, Any]) -> dict[str, Any]:
         "model_version": entry["model_version"],
         "time": entry["updated"],
     }
+
+
+def now_iso() -> str:
+    """The time now as the manifest writes it (ISO 8601, UTC, milliseconds)."""
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")

@@ -6,7 +6,6 @@ import hashlib
 import json
 import threading
 from collections.abc import Iterable, Iterator
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +43,7 @@ from .records import (
     StoreProblem,
     history_entry,
     label_version,
+    now_iso,
     pair_record,
 )
 from .splits import assign_split
@@ -259,7 +259,7 @@ class Store:
                 labels_path = self.root / labels_rel
                 written.append(labels_path)
                 write_labels(labels_path, label_array)
-                now = _now()
+                now = now_iso()
                 manifest["pairs"].append(
                     {
                         "id": pair_id,
@@ -323,7 +323,7 @@ class Store:
                     classes=classes,
                     origin=origin,
                     model_version=model_version,
-                    updated=_now(),
+                    updated=now_iso(),
                     history=history[:limit],
                     next_version=version + 1,
                 )
@@ -356,7 +356,7 @@ class Store:
                 classes=previous["classes"],
                 origin=previous["origin"],
                 model_version=previous["model_version"],
-                updated=_now(),
+                updated=now_iso(),
                 history=entry["history"][1:],
             )
             self._write_manifest(manifest)
@@ -447,6 +447,3 @@ class Store:
                 return p.path
         return rec.labels_path
 
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
