@@ -13,4 +13,5 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   fi
 fi
 python -m pip install -q torch==2.13.0 -e ".[test]"
+python -m ruff check .  # the lint rules in pyproject.toml
 python -m pytest -q -p no:cacheprovider "$@"
