@@ -48,6 +48,7 @@ from qtpy.QtWidgets import (
     QLabel,
     QMessageBox,
     QScrollArea,
+    QSizePolicy,
     QSpinBox,
     QVBoxLayout,
     QWidget,
@@ -59,8 +60,8 @@ from app.workbench import (
     ModelCatalog,
     pair_for_file,
 )
+from engine import refine_modes
 from engine.errors import Cancelled, FineMaskError
-from engine.refine_modes import DEFAULT_MODE, MODE_HELP, REFINE_MODES
 from engine.store import Store
 
 from . import logic
@@ -100,10 +101,12 @@ class _Jobs:
         self.models = models
         self.cancel = threading.Event()
         self.done: threading.Event | None = None  # set by the worker thread when its job returns
+        self.closed = False  # after shutdown: the job's late signals no longer reach the widgets
 
     def shutdown(self, wait_s: float = SHUTDOWN_WAIT_S) -> bool:
         """Cancel the running job, wait for its thread to leave it, release the loaded models.
         True when no job runs any more."""
+        self.closed = True
         self.cancel.set()
         done = self.done
         stopped = done is None or done.wait(wait_s)
@@ -222,9 +225,10 @@ class FineMaskWidget(QWidget):
                                      f"{WORKING_SIZE_RANGE[0]}..{WORKING_SIZE_RANGE[1]}, or 0 for the model's own")
         self.segment_button = PushButton(text="Segment")
         # Refine
-        self.refine_mode = RadioButtons(label="Mode", choices=list(REFINE_MODES), value=DEFAULT_MODE,
-                                        orientation="horizontal",
-                                        tooltip="\n".join(f"{k}: {v}" for k, v in MODE_HELP.items()))
+        # The engine's default mode and help lines, read when the dock opens (set from measurements there).
+        self.refine_mode = RadioButtons(label="Mode", choices=list(refine_modes.REFINE_MODES),
+                                        value=refine_modes.DEFAULT_MODE, orientation="horizontal",
+                                        tooltip="\n".join(f"{k}: {v}" for k, v in refine_modes.MODE_HELP.items()))
         self.mode_help = Label(value="")
         self.refine_source = Label(value="")
         self.refine_button = PushButton(text="Refine")
@@ -266,7 +270,7 @@ class FineMaskWidget(QWidget):
         self.store_dir.changed.connect(self._on_store_dir)
         self.save_button.changed.connect(self.save)
         self.undo_button.changed.connect(self.undo)
-        for control in (self.finetune_target, self.steps, self.minutes, self.segmenter_choice, self.refiner_choice):
+        for control in (self.finetune_target, self.steps, self.minutes):
             control.changed.connect(self._show_duration)
         self.finetune_button.changed.connect(self.finetune)
         self.cancel_button.changed.connect(self.cancel)
@@ -299,6 +303,7 @@ class FineMaskWidget(QWidget):
         job.setContentsMargins(6, 6, 6, 4)
         message = self.job_message.native
         message.setWordWrap(True)  # two lines always: no jumping as messages come and go
+        message.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Fixed)  # magicgui's is Fixed wide
         message.setFixedHeight(2 * message.fontMetrics().lineSpacing() + 12)
         message.setAlignment(Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignTop)
         job.addWidget(message)
@@ -350,6 +355,7 @@ class FineMaskWidget(QWidget):
         for label in (self.segmenter_info, self.refiner_info, self.legend, self.mode_help, self.refine_source,
                       self.refine_info, self.store_info, self.duration_info, self.loss_label, self.finetune_info):
             label.native.setWordWrap(True)  # long model names and metrics wrap instead of widening the dock
+            label.native.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Preferred)  # full width
             _set_info(label, label.value)
         self.legend.native.setTextFormat(Qt.TextFormat.RichText)
         self.name_values_button.native.setVisible(False)
@@ -608,7 +614,7 @@ class FineMaskWidget(QWidget):
                 ran += f" (stopped by the {logic.duration_text(budget or 0)} time budget before step {steps})"
             _set_info(self.finetune_info, f"{result.name}: {line}; {ran}")
             self._set_job_message(f"fine-tuning: done, {ran}")
-            self._remember_step_rate(str(base), result.history)
+            self._remember_step_rate(target, result.history)
             show_info(f"FineMask: new model {result.name} selected ({line})")
 
         self._run("fine-tuning", job, done)
@@ -628,6 +634,7 @@ class FineMaskWidget(QWidget):
             show_warning(f"FineMask is busy with {self._job}; wait for it or press Cancel")
             return
         cancel = self._jobs.cancel = threading.Event()
+        self._jobs.closed = False
         done = self._jobs.done = threading.Event()
         self._job = kind
         self.last_error = None
@@ -667,7 +674,7 @@ class FineMaskWidget(QWidget):
         self.job_message.native.setToolTip(text)  # the whole text, should two lines not hold it
 
     def _on_progress(self, done: int, total: int, message: str) -> None:
-        if self._worker is None:
+        if self._worker is None or self._jobs.closed:
             return
         total = max(int(total), 1)
         step = _STEP.search(message) if self._job == "fine-tuning" else None
@@ -694,6 +701,8 @@ class FineMaskWidget(QWidget):
             _set_info(self.loss_label, f"loss {loss:.4f} (first {first:.4f}, {len(self.loss_history)} reports)")
 
     def _on_returned(self, kind: str, on_done: Callable[[Any], None], result: Any) -> None:
+        if self._jobs.closed:  # the viewer closed meanwhile: nothing to show it in
+            return
         self.last_result = result
         self._set_job_message(f"{kind}: done")
         self.progress_bar.value = self.progress_bar.max
@@ -703,7 +712,8 @@ class FineMaskWidget(QWidget):
             self._on_errored(kind, exc)
 
     def _on_errored(self, kind: str, exc: BaseException) -> None:
-        self._fail(kind, exc)
+        if not self._jobs.closed:
+            self._fail(kind, exc)
 
     def _fail(self, kind: str, exc: BaseException) -> None:
         self.last_error = exc
@@ -727,6 +737,8 @@ class FineMaskWidget(QWidget):
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+        if self._jobs.closed:
+            return
         for button in self._action_buttons:
             button.enabled = True
         self.cancel_button.enabled = False
@@ -922,21 +934,25 @@ class FineMaskWidget(QWidget):
             self._on_labels_choice()
 
     def _show_mode_help(self, *_) -> None:
-        _set_info(self.mode_help, MODE_HELP.get(self.refine_mode.value, ""))
+        _set_info(self.mode_help, refine_modes.MODE_HELP.get(self.refine_mode.value, ""))
 
     def _show_duration(self, *_) -> None:
-        combo = self.segmenter_choice if self.finetune_target.value == "segmenter" else self.refiner_choice
-        rate = logic.load_settings().get("finetune_seconds_per_step", {}).get(str(combo.value))
+        rate = logic.load_settings().get("finetune_seconds_per_step", {}).get(self.finetune_target.value)
         budget = float(self.minutes.value) * 60.0 or None
         _set_info(self.duration_info, "Expected: " + logic.expected_duration(int(self.steps.value), budget, rate))
 
-    def _remember_step_rate(self, base: str, history: list[dict]) -> None:
-        """Keep this machine's seconds per step for the base model (the next expected duration)."""
-        if len(history) < 2 or history[-1]["step"] <= history[0]["step"]:
+    def _remember_step_rate(self, target: str, history: list[dict]) -> None:
+        """Keep this machine's seconds per step of fine-tuning a ``target`` ("segmenter",
+        "refiner"): the next run's expected duration."""
+        start = len(history) - 1  # the last sitting: "time" restarts at each resume
+        while start > 0 and history[start - 1]["time"] <= history[start]["time"]:
+            start -= 1
+        first, last = history[start], history[-1]
+        if last["step"] <= first["step"] or last["time"] <= first["time"]:
             return
-        rate = (history[-1]["time"] - history[0]["time"]) / (history[-1]["step"] - history[0]["step"])
+        rate = (last["time"] - first["time"]) / (last["step"] - first["step"])
         rates = dict(logic.load_settings().get("finetune_seconds_per_step", {}))
-        rates[base] = round(float(rate), 4)
+        rates[target] = round(float(rate), 4)
         logic.save_settings(finetune_seconds_per_step=rates)
         self._show_duration()
 

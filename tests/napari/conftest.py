@@ -24,3 +24,14 @@ def tiny_models(tmp_path_factory):
 @pytest.fixture
 def scene() -> np.ndarray:
     return make_scene()
+
+
+@pytest.fixture
+def notifications():
+    """Every napari notification shown during the test."""
+    from napari.utils.notifications import notification_manager
+
+    seen = []
+    notification_manager.notification_ready.connect(seen.append)
+    yield seen
+    notification_manager.notification_ready.disconnect(seen.append)

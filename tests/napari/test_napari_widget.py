@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import tifffile
+from napari_dock import JOB_TIMEOUT_MS, not_blank, open_widget, run_job
 from napari_scenes import make_scene
 
 pytest.importorskip("napari", reason="the napari plugin tests need the napari extra (pip install finemask[napari])")
@@ -30,39 +31,6 @@ from engine.store import Store
 ROOT = Path(__file__).resolve().parents[2]
 #: Set to write the README screenshot into docs/images (otherwise it stays in tmp).
 DOCS_ENV = "FINEMASK_DOCS_SCREENSHOTS"
-JOB_TIMEOUT_MS = 60_000
-
-
-@pytest.fixture
-def notifications():
-    """Every napari notification shown during the test."""
-    from napari.utils.notifications import notification_manager
-
-    seen = []
-    notification_manager.notification_ready.connect(seen.append)
-    yield seen
-    notification_manager.notification_ready.disconnect(seen.append)
-
-
-def open_widget(viewer) -> FineMaskWidget:
-    """Open the dock widget the way a user does: from the plugin's manifest."""
-    _, widget = viewer.window.add_plugin_dock_widget("finemask", "FineMask")
-    assert isinstance(widget, FineMaskWidget)
-    return widget
-
-
-def run_job(qtbot, widget, start) -> None:
-    """Start a job and wait for the UI to be idle again; fail on an error notification."""
-    start()
-    qtbot.waitUntil(lambda: not widget.busy, timeout=JOB_TIMEOUT_MS)
-    qtbot.wait(10)  # let queued progress signals land
-    assert widget.last_error is None, repr(widget.last_error)
-
-
-def not_blank(rgba: np.ndarray) -> bool:
-    """A screenshot with content: many colours, not one flat fill."""
-    rgb = rgba[..., :3].reshape(-1, 3)
-    return rgb.std() > 10 and len(np.unique(rgb[:: max(1, len(rgb) // 20000)], axis=0)) > 50
 
 
 def test_segment_refine_correct_save_finetune_undo(make_napari_viewer, qtbot, tiny_models, scene, tmp_path):
