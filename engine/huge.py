@@ -376,7 +376,7 @@ def _refine_box(image: Any, box: Box, mask: np.ndarray, refiner: Refiner, *, L: 
         glob = refiner.global_step(view, mask, lambda a: a, L)
     if fast:
         on_progress(1, 1, "done")
-        return keep_unseen(refiner.upsample_global(glob), mask, glob)
+        return keep_unseen(refiner.upsample_global(glob), mask, glob, fast=True)
     conf = refiner.local_step(crop_of(image, box), glob, L, selection=selection, batch_size=batch_size,
                               on_progress=on_progress, cancel=cancel,
                               run_batches=lambda batches: run_tiles(box, glob, batches))

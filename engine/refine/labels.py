@@ -59,7 +59,7 @@ def refine_label_map(refiner: Refiner, image: np.ndarray, labels: np.ndarray, pr
 
     def _kept(conf: np.ndarray, c: int, glob: GlobalResult) -> np.ndarray:
         y0, y1, x0, x1 = plan.boxes[c]
-        return keep_unseen(conf, labels[y0:y1, x0:x1] == c, glob)
+        return keep_unseen(conf, labels[y0:y1, x0:x1] == c, glob, fast=fast)
 
     # 1. The global step of every class (or its coarse mask, for the local mode).
     globs: dict[int, GlobalResult] = {}

@@ -142,7 +142,7 @@ class Refiner:
             if fast:
                 if on_progress:
                     on_progress(1, 1, "done")
-                return keep_unseen(self.upsample_global(glob), mask, glob, binarise)
+                return keep_unseen(self.upsample_global(glob), mask, glob, binarise, fast=True)
             t0 = time.perf_counter()
             out = self.local_step(image, glob, L, selection=selection, batch_size=batch_size,
                                   on_progress=on_progress, cancel=cancel)

@@ -73,8 +73,12 @@ def coarse_as_global(mask: np.ndarray, binarise: Callable[[np.ndarray], np.ndarr
     return GlobalResult(os1=fg, os4=fg, full_shape=tuple(fg.shape), origin=(0, 0))
 
 
+#: Coverage bounds of the boundary zone the fast mode leaves as it is (``keep_unseen``).
+EDGE_ZONE = 0.02
+
+
 def keep_unseen(conf: np.ndarray, mask: np.ndarray, glob: GlobalResult,
-                binarise: Callable[[np.ndarray], np.ndarray] = lambda a: a) -> np.ndarray:
+                binarise: Callable[[np.ndarray], np.ndarray] = lambda a: a, *, fast: bool = False) -> np.ndarray:
     """Keep the mask where the global step could not see it; ``conf`` (H, W) is changed in place.
 
     The global step works at L px: a structure narrower than a few of its pixels (a lesion of
@@ -84,6 +88,12 @@ def keep_unseen(conf: np.ndarray, mask: np.ndarray, glob: GlobalResult,
     (``glob.seen``, enlarged bilinearly like the result) is at most 0.5, the confidence is set to
     1: refinement decides only about what it could see. (Not in the reference, which erases such
     structures; measured in docs/RESULTS.md.)
+
+    ``fast`` (the global step's result is the answer): within about one reduced pixel of the
+    coarse boundary (coverage strictly between ``EDGE_ZONE`` and ``1 - EDGE_ZONE``) the coarse mask
+    is kept too - the global step cannot place a boundary more finely than its own pixel, so it
+    only corrects whole regions (a false blob, a missing part), never the fine boundary of a mask
+    already right at its scale (docs/RESULTS.md: gt/8 masks at 4K lost 4-5 IoU points without this).
     """
     if glob.seen is None:
         return conf
@@ -91,6 +101,10 @@ def keep_unseen(conf: np.ndarray, mask: np.ndarray, glob: GlobalResult,
     for r0 in range(0, H, STRIP_ROWS):
         r1 = min(H, r0 + STRIP_ROWS)
         cover = bilinear_region(glob.seen, (H, W), (r0, r1), (0, W)).numpy()
-        unseen = binarise(np.asarray(mask[r0:r1])) & (cover <= 0.5)
-        conf[r0:r1][unseen] = 1.0
+        fg = binarise(np.asarray(mask[r0:r1]))
+        strip = conf[r0:r1]
+        if fast:
+            zone = (cover > EDGE_ZONE) & (cover < 1 - EDGE_ZONE)
+            np.copyto(strip, fg.astype(np.float32), where=zone)
+        strip[fg & (cover <= 0.5)] = 1.0
     return conf
