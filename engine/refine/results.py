@@ -74,7 +74,7 @@ def coarse_as_global(mask: np.ndarray, binarise: Callable[[np.ndarray], np.ndarr
 
 
 #: Coverage bounds of the boundary zone the fast mode leaves as it is (``keep_unseen``).
-EDGE_ZONE = 0.02
+EDGE_ZONE = 1e-3
 
 
 def keep_unseen(conf: np.ndarray, mask: np.ndarray, glob: GlobalResult,

@@ -205,7 +205,7 @@ def test_fast_mode_is_the_resized_global_step():
     # ... except within about a reduced pixel of the mask's boundary (the mask is kept there) and
     # where the mask is too thin for the global step to see it (kept at 1)
     cover = bilinear_region(glob.seen, (150, 230), (0, 150), (0, 230)).numpy()
-    zone = (cover > 0.02) & (cover < 0.98)
+    zone = (cover > 1e-3) & (cover < 1 - 1e-3)
     assert 0 < zone.mean() < 0.5
     expect[zone] = mask[zone]
     expect[mask & (cover <= 0.5)] = 1.0
