@@ -1,7 +1,8 @@
 """The refinement modes the apps offer, as ``Refiner.refine`` options (no torch import).
 
 - ``"full"``: the whole cascade, as in CascadePSP (global step at L, then full-resolution tiles);
-- ``"fast"``: the global step only, enlarged to full size;
+- ``"fast"``: the global step only, enlarged to full size; it corrects whole regions and keeps the
+  coarse mask within a reduced pixel of its boundary (``engine.refine.results.keep_unseen``);
 - ``"local"``: the full-resolution tiles only, on the coarse mask as it is (``skip_global``, our
   deviation): for masks already right at the global step's pixel size, where the global step can
   only erase detail (docs/RESULTS.md, IDRiD at 4K).
@@ -16,8 +17,10 @@ REFINE_MODES: dict[str, dict[str, bool]] = {
     "local": {"fast": False, "skip_global": True},
 }
 
-#: The mode every front end starts with.
-DEFAULT_MODE = "full"
+#: The mode every front end starts with: the one that held "never worse than its input" on every
+#: test set with the shipped refiner (bench/refine_quality.py, docs/RESULTS.md); "full" and
+#: "local" lowered some sets' scores with the light model.
+DEFAULT_MODE = "fast"
 
 #: One line per mode, for help texts.
 MODE_HELP = {
