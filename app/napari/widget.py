@@ -40,7 +40,7 @@ from napari.layers import Image, Labels
 from napari.qt.threading import FunctionWorker
 from napari.utils import progress as napari_progress
 from napari.utils.notifications import show_error, show_info, show_warning
-from qtpy.QtCore import QEvent, QObject, Qt, Signal, Slot
+from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
     QApplication,
     QComboBox,
@@ -64,84 +64,17 @@ from engine import refine_modes
 from engine.errors import Cancelled, FineMaskError
 from engine.store import Store
 
-from . import logic
+from . import logic, provenance
+from .job_control import SHUTDOWN_WAIT_S, CloseWatcher, JobControl, ProgressRelay
 from .writer import route_saves
 
 log = logging.getLogger(__name__)
 NO_IMAGE = "choose the Image layer the labels belong to (Image and labels section)"
 CHANGES_COLOURS = {None: (1.0, 1.0, 0.0, 1.0), 0: logic.TRANSPARENT, 1: (1.0, 1.0, 0.0, 1.0)}
-#: How long closing the viewer waits for a running job to stop at its next check.
-SHUTDOWN_WAIT_S = 60.0
 _STEP = re.compile(r"step (\d+)/(\d+)")
 
 
-class _Relay(QObject):
-    """Carries progress reports from a worker thread to the UI thread (a queued signal)."""
-
-    progressed = Signal(int, int, str)
-
-    def __init__(self, callback: Callable[[int, int, str], None]):
-        super().__init__()
-        self._callback = callback
-        self.progressed.connect(self._deliver)
-
-    def report(self, done: int, total: int, message: str) -> None:
-        """Called in the worker thread; the callback runs later in the UI thread."""
-        self.progressed.emit(int(done), int(total), str(message))
-
-    @Slot(int, int, str)
-    def _deliver(self, done: int, total: int, message: str) -> None:
-        self._callback(done, total, message)
-
-
-class _Jobs:
-    """What stopping the jobs needs, apart from the widget (its handlers outlive the widget)."""
-
-    def __init__(self, models: logic.ModelCache):
-        self.models = models
-        self.cancel = threading.Event()
-        self.done: threading.Event | None = None  # set by the worker thread when its job returns
-        self.closed = False  # after shutdown: the job's late signals no longer reach the widgets
-
-    def shutdown(self, wait_s: float = SHUTDOWN_WAIT_S) -> bool:
-        """Cancel the running job, wait for its thread to leave it, release the loaded models.
-        True when no job runs any more."""
-        self.closed = True
-        self.cancel.set()
-        done = self.done
-        stopped = done is None or done.wait(wait_s)
-        if not stopped:
-            log.warning("FineMask: the running job did not stop within %.0f s of the viewer closing", wait_s)
-        self.models.clear()
-        return stopped
-
-
-class _CloseWatcher(QObject):
-    """Stops the jobs when napari's main window closes (its hide after an accepted close, not a
-    minimise): the worker thread and the loaded models must not outlive the viewer (a thread
-    still in torch while Python shuts down can crash the interpreter on exit)."""
-
-    def __init__(self, window: QWidget, jobs: _Jobs):
-        super().__init__(window)
-        self._jobs = jobs
-        window.installEventFilter(self)
-
-    def eventFilter(self, obj: QObject, event: QEvent) -> bool:
-        if event.type() == QEvent.Type.Hide and not event.spontaneous() and not obj.isMinimized():
-            self._jobs.shutdown()
-        return False
-
-
-def _mark_corrected(info: dict, event: Any = None) -> None:
-    """Paint events of a FineMask Labels layer: its labels now count as "corrected", and the
-    segmentation's class probabilities no longer describe them (Refine then goes without, as in
-    the web app); a painted refinement is the user's own labels, refined as they are."""
-    info["origin"] = "corrected"
-    info.pop("probs", None)
-    info.pop("refined_from", None)
-
-
-def _detach(handler: Callable, events: tuple, viewer: Any, jobs: _Jobs, undo_save: Callable[[], None],
+def _detach(handler: Callable, events: tuple, viewer: Any, jobs: JobControl, undo_save: Callable[[], None],
             *_) -> None:
     """When the dock widget is deleted: stop its job and its layer-event handlers."""
     jobs.shutdown()
@@ -191,10 +124,10 @@ class FineMaskWidget(QWidget):
         self._choices: dict[str, logic.ModelEntry] = {}
         self._worker = None
         self._job = ""
-        self._jobs = _Jobs(self.models)
+        self._jobs = JobControl(self.models)
         self._bar: napari_progress | None = None
-        self._close_watcher: _CloseWatcher | None = None
-        self._relay = _Relay(self._on_progress)
+        self._close_watcher: CloseWatcher | None = None
+        self._relay = ProgressRelay(self._on_progress)
         self._train_started: float | None = None
         self._budget_s: float | None = None
         self._resume_key: tuple | None = None
@@ -539,8 +472,9 @@ class FineMaskWidget(QWidget):
         question = (f"'{image_layer.name}' already has labels in the store (pair {pair_id}), saved from another "
                     f"layer. Replace them with '{labels.name}'?\n\nThe current version stays in the pair's "
                     "history (Undo last save brings it back).")
-        if (pair_id is not None and pair_id in store and not self._belongs_to(labels, image_layer, pair_id)
-                and not self._confirm("Replace stored labels?", question)):
+        other_origin = pair_id is not None and pair_id in store and not provenance.belongs_to(
+            labels, image_layer, str(store.root), pair_id)
+        if other_origin and not self._confirm("Replace stored labels?", question):
             self._set_job_message("save: not saved (the stored labels were kept)")
             return
         data, rgb, limits = self._layer_pixels(image_layer)
@@ -667,7 +601,7 @@ class FineMaskWidget(QWidget):
         while top.parentWidget() is not None:
             top = top.parentWidget()
         if top is not self and (self._close_watcher is None or self._close_watcher.parent() is not top):
-            self._close_watcher = _CloseWatcher(top, self._jobs)
+            self._close_watcher = CloseWatcher(top, self._jobs)
 
     def _set_job_message(self, text: str) -> None:
         self.job_message.value = text
@@ -767,7 +701,7 @@ class FineMaskWidget(QWidget):
         if "palette" not in info:  # a layer FineMask did not make: keep its own colours
             info["colormap"] = labels.colormap
         placement = self._placement(labels)
-        changes = self._find(lambda x: x.metadata.get("finemask_changes") == labels.unique_id)
+        changes = provenance.find(self.viewer.layers, lambda x: x.metadata.get("finemask_changes") == labels.unique_id)
         if changes is None:
             changes = self.viewer.add_labels(result.changed.astype(np.uint8), name=f"{labels.name} changes",
                                              colormap=CHANGES_COLOURS, visible=bool(self.show_changes.value),
@@ -776,8 +710,8 @@ class FineMaskWidget(QWidget):
         else:
             changes.data = result.changed.astype(np.uint8)
         # Refining again in the same mode replaces its untouched result instead of stacking layers.
-        refined = self._find(lambda x: isinstance(x, Labels) and x.metadata.get("finemask", {}).get(
-            "refined_from") == labels.unique_id and x.metadata["finemask"].get("mode") == mode)
+        refined = provenance.find(self.viewer.layers, lambda x: isinstance(x, Labels) and x.metadata.get(
+            "finemask", {}).get("refined_from") == labels.unique_id and x.metadata["finemask"].get("mode") == mode)
         if refined is None:
             refined = self._add_labels(result.values, f"{labels.name} refined ({mode})", info, placement)
         else:
@@ -795,7 +729,7 @@ class FineMaskWidget(QWidget):
             kwargs["colormap"] = info.pop("colormap")
         layer = self.viewer.add_labels(values, name=name, opacity=0.6, metadata={"finemask": info},
                                        **placement, **kwargs)
-        layer.events.paint.connect(partial(_mark_corrected, info))
+        layer.events.paint.connect(partial(provenance.mark_corrected, info))
         self.viewer.layers.selection.active = layer
         return layer
 
@@ -812,44 +746,23 @@ class FineMaskWidget(QWidget):
     def _placement(layer) -> dict[str, Any]:
         return {"scale": tuple(layer.scale[-2:]), "translate": tuple(layer.translate[-2:])}
 
-    def _find(self, match: Callable[[Any], bool]) -> Any:
-        return next((layer for layer in self.viewer.layers if match(layer)), None)
-
     def _refine_source(self, labels: Labels) -> Labels:
-        """What Refine refines for the working labels: an untouched refinement's own source (so
-        trying another mode starts from the segmentation again), else the labels themselves."""
-        info = labels.metadata.get("finemask", {})
-        if info.get("origin") == "refined" and info.get("refined_from"):
-            source = self._find(lambda x: x.unique_id == info["refined_from"])
-            if isinstance(source, Labels):
-                return source
-        return labels
+        return provenance.refine_source(self.viewer.layers, labels)
 
     def _image_for(self, labels: Labels) -> Image | None:
-        """The Image layer a Labels layer belongs to: the one it was made from, else the chosen one."""
-        info = labels.metadata.get("finemask", {})
-        made_from = self._find(lambda x: isinstance(x, Image) and x.unique_id == info.get("image_id"))
-        if made_from is not None:
-            return made_from
-        name = info.get("image_layer")
-        if name is not None and name in self.viewer.layers and isinstance(self.viewer.layers[name], Image):
-            return self.viewer.layers[name]
-        return self.image_choice.value
+        return provenance.image_for(self.viewer.layers, labels, self.image_choice.value)
+
+    def _image_layers(self, widget=None) -> list[tuple[str, Image]]:
+        return [(layer.name, layer) for layer in provenance.workable_images(self.viewer.layers)]
+
+    def _labels_layers(self, widget=None) -> list[tuple[str, Labels]]:
+        return [(layer.name, layer) for layer in provenance.workable_labels(self.viewer.layers)]
 
     def _pair_id(self, image_layer: Image) -> str | None:
         ref = image_layer.metadata.get("finemask_pair")
         if ref and self.store is not None and ref.get("store") == str(self.store.root):
             return ref.get("id")
         return None
-
-    def _belongs_to(self, labels: Labels, image_layer: Image, pair_id: str) -> bool:
-        """Whether saving ``labels`` over the pair's labels needs no question: the layer was saved
-        to or read from that pair, or FineMask made it from that image (its segmentation, a
-        refinement or correction of it)."""
-        info = labels.metadata.get("finemask", {})
-        if info.get("pair") == {"store": str(self.store.root), "id": pair_id}:
-            return True
-        return info.get("image_id") is not None and info.get("image_id") == image_layer.unique_id
 
     def _confirm(self, title: str, text: str) -> bool:
         box = QMessageBox(QMessageBox.Icon.Question, title, text,
@@ -874,14 +787,6 @@ class FineMaskWidget(QWidget):
         palette = card_palette if card_names[: len(names)] == names[: len(card_names)] else []
         palette = (palette + default_palette(len(names))[len(palette):])[: len(names)]
         return names, palette, whose
-
-    def _image_layers(self, widget=None) -> list[tuple[str, Image]]:
-        return [(layer.name, layer) for layer in self.viewer.layers if isinstance(layer, Image)
-                and not layer.metadata.get("finemask_uncertainty") and layer.ndim == 2]
-
-    def _labels_layers(self, widget=None) -> list[tuple[str, Labels]]:
-        return [(layer.name, layer) for layer in self.viewer.layers if isinstance(layer, Labels)
-                and not layer.metadata.get("finemask_changes")]
 
     def _class_choices(self, widget=None) -> list[tuple[str, int]]:
         layer = self.labels_choice.value if hasattr(self, "labels_choice") else None

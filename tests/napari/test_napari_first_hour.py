@@ -113,7 +113,7 @@ def test_job_line_stays_in_sight_and_segmentation_reports_its_steps(make_napari_
     window.resize(1400, 1020)
     qtbot.wait(100)
     big = np.repeat(np.repeat(make_scene(), 10, axis=0), 10, axis=1)  # 640x960: three row strips
-    viewer.add_image(big, name="big")
+    widget.image_choice.value = viewer.add_image(big, name="big")
     widget.add_model_folder(tiny_models[0])
     seen = []
     widget._relay.progressed.connect(lambda done, total, message: seen.append((done, total, message)))
@@ -143,7 +143,7 @@ def test_refine_starts_from_the_segmentation_and_modes_do_not_stack(make_napari_
 
     viewer = make_napari_viewer()
     widget = open_widget(viewer)
-    viewer.add_image(scene, name="scene")
+    widget.image_choice.value = viewer.add_image(scene, name="scene")
     widget.add_model_folder(tiny_models[0])
     widget.add_model_folder(tiny_models[1])
     run_job(qtbot, widget, widget.segment)
@@ -181,7 +181,7 @@ def test_unnamed_labels_are_refused_and_replacing_a_pair_asks_first(make_napari_
                                                                     tiny_models, notifications):
     viewer = make_napari_viewer()
     widget = open_widget(viewer)
-    image = viewer.add_image(scene, name="frame")
+    widget.image_choice.value = image = viewer.add_image(scene, name="frame")
     widget.add_model_folder(tiny_models[0])
     widget.store_dir.value = tmp_path / "store"
     run_job(qtbot, widget, widget.segment)
@@ -234,7 +234,7 @@ def test_napari_save_of_finemask_labels_keeps_names_and_colours(make_napari_view
 
     viewer = make_napari_viewer()
     widget = open_widget(viewer)
-    viewer.add_image(scene, name="fundus")
+    widget.image_choice.value = viewer.add_image(scene, name="fundus")
     widget.add_model_folder(named_models[0])
     run_job(qtbot, widget, widget.segment)
     labels = viewer.layers["fundus labels"]
@@ -290,7 +290,8 @@ def test_fine_tuning_status_cancel_resume_and_time_budget(make_napari_viewer, qt
     widget.cancel()
     qtbot.waitUntil(lambda: not widget.busy, timeout=60_000)
     assert isinstance(widget.last_error, Cancelled)
-    assert widget.job_message.value.startswith("fine-tuning: cancelled after") and "done" not in widget.job_message.value
+    message = widget.job_message.value
+    assert message.startswith("fine-tuning: cancelled after") and "done" not in message
     assert widget.progress_bar.value < widget.progress_bar.max
     assert widget.finetune_info.value.startswith("cancelled after")
 
@@ -328,7 +329,7 @@ def test_dock_shows_sizes_legend_mode_help_and_tidy_information(make_napari_view
     assert widget.mode_help.value == "the global step only (said by the engine)"
     assert widget.working_size.specialValueText() == "model's: 240"  # camvid's own size, shown as such
 
-    viewer.add_image(scene, name="fundus")
+    widget.image_choice.value = viewer.add_image(scene, name="fundus")
     widget.add_model_folder(named_models[0])
     assert widget.working_size.specialValueText() == "model's: 64" and widget.working_size.value() == 0
     run_job(qtbot, widget, widget.segment)
@@ -355,7 +356,8 @@ def test_dock_shows_sizes_legend_mode_help_and_tidy_information(make_napari_view
 
 
 class _Endless:
-    """A segmenter that works until cancelled; records when its thread leaves the job."""
+    """A segmenter that works until cancelled, checking every half second (one step of real work,
+    say a batch of 4K tiles, between checks); records when its thread leaves the job."""
 
     def __init__(self):
         self.classes = ["a", "b"]
@@ -370,7 +372,7 @@ class _Endless:
             while time.monotonic() < deadline:
                 if cancel():
                     raise Cancelled("cancelled")
-                time.sleep(0.01)
+                time.sleep(0.5)
             raise AssertionError("nobody cancelled this job")
         finally:
             self.left.set()
@@ -379,7 +381,7 @@ class _Endless:
 def test_closing_the_viewer_during_a_job_stops_and_joins_its_thread(make_napari_viewer, qtbot, scene):
     viewer = make_napari_viewer(show=True)
     widget = open_widget(viewer)
-    viewer.add_image(scene, name="scene")
+    widget.image_choice.value = viewer.add_image(scene, name="scene")
     endless = _Endless()
     widget.models.segmenter = lambda source: endless
     widget.segment()
