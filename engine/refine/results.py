@@ -93,10 +93,14 @@ def keep_unseen(conf: np.ndarray, mask: np.ndarray, glob: GlobalResult,
     coarse boundary (coverage strictly between ``EDGE_ZONE`` and ``1 - EDGE_ZONE``) the coarse mask
     is kept too - the global step cannot place a boundary more finely than its own pixel, so it
     only corrects whole regions (a false blob, a missing part), never the fine boundary of a mask
-    already right at its scale (docs/RESULTS.md: gt/8 masks at 4K lost 4-5 IoU points without this).
+    already right at its scale (docs/RESULTS.md: gt/8 masks at 4K lost 4-5 IoU points without this);
+    and it lets go only of structures filling at least 3 x 3 reduced pixels.
     """
     if glob.seen is None:
         return conf
+    seen = glob.seen
+    if fast:  # whole regions only: a structure must fill 3 x 3 reduced pixels to be let go
+        seen = -torch.nn.functional.max_pool2d(-seen[None, None], 3, stride=1, padding=1)[0, 0]
     H, W = glob.full_shape
     for r0 in range(0, H, STRIP_ROWS):
         r1 = min(H, r0 + STRIP_ROWS)
@@ -106,5 +110,7 @@ def keep_unseen(conf: np.ndarray, mask: np.ndarray, glob: GlobalResult,
         if fast:
             zone = (cover > EDGE_ZONE) & (cover < 1 - EDGE_ZONE)
             np.copyto(strip, fg.astype(np.float32), where=zone)
+        if fast:
+            cover = bilinear_region(seen, (H, W), (r0, r1), (0, W)).numpy()
         strip[fg & (cover <= 0.5)] = 1.0
     return conf
