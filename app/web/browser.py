@@ -80,6 +80,11 @@ def wait_toast(page: Any, text: str, timeout_s: float) -> str:
 
 
 def upload(page: Any, path: Path) -> None:
+    """Put ``path`` into the image upload (clearing a file shown there first)."""
+    clear = page.locator("#image-file button[aria-label='Clear']")
+    if clear.count():
+        clear.first.click()
+    page.locator("#image-file input[type=file]").wait_for(state="attached", timeout=30_000)
     page.set_input_files("#image-file input[type=file]", str(path))
 
 

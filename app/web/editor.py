@@ -1,19 +1,20 @@
 """Corrections painted in the web editor, turned into class labels at full resolution.
 
 The browser editor paints on a transparent layer over a preview of the image (the image with
-its class colours blended in). Each class has its own opaque brush colour; the eraser removes
+its class colours blended in). Each class has its own brush colour; the eraser removes
 paint. A painted pixel therefore says "this pixel is class k" and an unpainted one "no change".
 
 Images larger than the editor can handle quickly are shown downscaled (``preview``). A stroke
 on the preview covers blocks of full-resolution pixels, so its edges are only as precise as the
-preview. Mapping back (:func:`apply_strokes`): strokes are upsampled (nearest) to full
-resolution inside their bounding box, and, when a refiner is given, the refiner is run on that
-region of the edited labels; its result is accepted only in a band one preview pixel wide
-around the strokes' edges, where the blocky upsampled edge is uncertain, so stroke interiors
-keep the class the user painted and everything away from the strokes stays as it was.
+preview (and the hand). Mapping back (:func:`apply_strokes`): strokes are upsampled (nearest) to
+full resolution inside their bounding box and, when the image is given, their outlines are
+snapped onto the image's edges within a few preview pixels (:mod:`app.web.snap`: a watershed on
+the gradient, no model), so stroke interiors keep the class the user painted, outlines follow
+the image, and everything away from the strokes stays as it was.
 
-Brushes are opaque on purpose: the editor composites semi-transparent strokes of different
-colours into mixed colours, which could not be mapped back to one class.
+Paint is semi-transparent (the image stays visible under it): the editor keeps each stroke's
+colour as painted and its opacity in the layer's alpha, and a later stroke replaces an earlier
+one where they overlap, so every painted pixel still holds exactly one class colour.
 """
 from __future__ import annotations
 
@@ -22,28 +23,32 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import ndimage
+
+from engine.errors import Cancelled
 
 from .render import nearest_indices
+from .snap import snap_reach, snap_strokes
 
-#: Layer alpha from which a pixel counts as painted (the editor writes 255 for opaque brushes).
-PAINTED_ALPHA = 128
+#: Opacity of the brushes: the image shows through the paint.
+BRUSH_OPACITY = 0.55
+#: Layer alpha from which a pixel counts as painted (a stroke at ``BRUSH_OPACITY`` writes about 140).
+PAINTED_ALPHA = 64
 #: Largest per-channel difference between a painted colour and the nearest brush colour.
 COLOUR_TOLERANCE = 40
-#: Extra full-resolution pixels around the strokes' box given to the refiner as context.
-CONTEXT_PX = 16
 
 
 @dataclass
 class EditResult:
     """Labels after applying strokes. ``changed``: pixels whose class changed; ``box``: (y0, y1,
-    x0, x1) of the region the edit touched at full resolution, or None; ``snapped``: whether the
-    refiner re-snapped stroke edges."""
+    x0, x1) of the region the edit touched at full resolution, or None; ``snapped``: whether stroke
+    outlines were snapped to image edges; ``moved``: pixels the snap gave another class than the
+    upsampled strokes did."""
 
     labels: np.ndarray
     changed: int
     box: tuple[int, int, int, int] | None
     snapped: bool
+    moved: int = 0
 
 
 def brush_colours(palette: list[list[int]], num_classes: int) -> list[tuple[int, int, int]]:
@@ -98,15 +103,15 @@ def apply_strokes(
     labels: np.ndarray,
     strokes: np.ndarray,
     image: np.ndarray | None = None,
-    refiner=None,
     *,
     on_progress: Callable[[int, int, str], None] | None = None,
     cancel: Callable[[], bool] | None = None,
 ) -> EditResult:
     """Apply a stroke map (preview size, -1 = unpainted) to full-resolution ``labels`` (H, W).
 
-    ``refiner`` (an ``engine.refine.Refiner``) and ``image`` (H, W, 3) are used only when the
-    strokes are smaller than the labels; see the module docstring.
+    Strokes at the labels' size replace the painted pixels exactly. Preview strokes are
+    upsampled and, with ``image`` (H, W[, 3]), their outlines snapped to the image's edges; see
+    the module docstring.
     """
     H, W = labels.shape
     h, w = strokes.shape
@@ -122,38 +127,32 @@ def apply_strokes(
         return EditResult(out, changed, (int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1), False)
 
     scale_y, scale_x = H / h, W / w
+    reach = snap_reach(max(scale_y, scale_x))
+    margin = reach + 2  # unpainted ground beyond the snap's reach on every side
     ys, xs = np.nonzero(painted)
-    y0 = max(0, math.floor(ys.min() * scale_y) - CONTEXT_PX)
-    y1 = min(H, math.ceil((ys.max() + 1) * scale_y) + CONTEXT_PX)
-    x0 = max(0, math.floor(xs.min() * scale_x) - CONTEXT_PX)
-    x1 = min(W, math.ceil((xs.max() + 1) * scale_x) + CONTEXT_PX)
+    y0 = max(0, math.floor(ys.min() * scale_y) - margin)
+    y1 = min(H, math.ceil((ys.max() + 1) * scale_y) + margin)
+    x0 = max(0, math.floor(xs.min() * scale_x) - margin)
+    x1 = min(W, math.ceil((xs.max() + 1) * scale_x) + margin)
     rows = nearest_indices(H, h, y0, y1)
     cols = nearest_indices(W, w, x0, x1)
     full_strokes = strokes[rows[:, None], cols[None, :]]
-    mask = full_strokes >= 0
+    snapped, moved = False, 0
+    if image is not None:
+        if cancel is not None and cancel():
+            raise Cancelled("correction cancelled")
+        if on_progress is not None:
+            on_progress(0, 1, "snapping the strokes to the image's edges")
+        snapped_strokes = snap_strokes(full_strokes, image[y0:y1, x0:x1], reach)
+        moved = int((snapped_strokes != full_strokes).sum())
+        full_strokes, snapped = snapped_strokes, True
     old = labels[y0:y1, x0:x1]
-    edited = np.where(mask, full_strokes, old).astype(labels.dtype)
-
-    snapped = False
-    if refiner is not None and image is not None and len(np.unique(edited)) > 1:
-        # The refiner's working size L = the region's own size (rounded up to a multiple of 8, at
-        # most the default 900): its global step then runs at full resolution without enlarging a
-        # small region to 900 px, so a stroke re-snaps in well under a second.
-        L = int(min(900, max(64, -(-max(y1 - y0, x1 - x0) // 8) * 8)))
-        refined = refiner.refine_labels(image[y0:y1, x0:x1], edited, L=L, on_progress=on_progress, cancel=cancel)
-        r = max(1, math.ceil(max(scale_y, scale_x)))
-        size = 2 * r + 1
-        band = ndimage.maximum_filter(mask, size=size) & ~ndimage.minimum_filter(mask, size=size)
-        # A class painted within reach of each band pixel (the larger id where two strokes meet;
-        # -1 far from strokes): the refiner may move a stroke edge, but only choose between the
-        # painted class and the old one, never bring in a third class.
-        near = ndimage.maximum_filter(full_strokes, size=size)
-        allowed = band & ((refined == old) | (refined == near))
-        edited = np.where(allowed, refined, edited).astype(labels.dtype)
-        snapped = True
+    edited = np.where(full_strokes >= 0, full_strokes, old).astype(labels.dtype)
     changed = int((edited != old).sum())
     out[y0:y1, x0:x1] = edited
-    return EditResult(out, changed, (y0, y1, x0, x1), snapped)
+    if on_progress is not None:
+        on_progress(1, 1, "correction applied")
+    return EditResult(out, changed, (y0, y1, x0, x1), snapped, moved)
 
 
-__all__ = ["EditResult", "apply_strokes", "brush_colours", "css_colour", "strokes_from_layers"]
+__all__ = ["BRUSH_OPACITY", "EditResult", "apply_strokes", "brush_colours", "css_colour", "strokes_from_layers"]

@@ -115,24 +115,37 @@ def class_shares(labels: np.ndarray, num_classes: int) -> np.ndarray:
     return counts / max(1.0, counts.sum())
 
 
-def legend_html(classes: list[str], palette: list[list[int]], labels: np.ndarray | None = None) -> str:
+def class_order(labels: np.ndarray | None, num_classes: int) -> list[int]:
+    """Class ids in the legend's order: with ``labels``, present classes first, largest first
+    (ties by id), then the absent ones; without, by id."""
+    order = list(range(num_classes))
+    if labels is not None:
+        shares = class_shares(labels, num_classes)
+        order.sort(key=lambda i: -shares[i])
+    return order
+
+
+def legend_html(classes: list[str], palette: list[list[int]], labels: np.ndarray | None = None,
+                swatches: list[tuple[int, int, int]] | None = None) -> str:
     """An HTML legend: a colour swatch and name per class, with its share of the image when known.
 
     With ``labels`` the classes present come first, largest first; absent classes follow greyed.
+    ``swatches``: the brush colour of each class id, written as ``data-brush`` so the page can
+    name the editor's colour swatches after the classes.
     """
     shares = class_shares(labels, len(classes)) if labels is not None else None
-    order = list(range(len(classes)))
-    if shares is not None:
-        order.sort(key=lambda i: -shares[i])
     items = []
-    for i in order:
+    for i in class_order(labels, len(classes)):
         r, g, b = (palette[i] if i < len(palette) else (0, 0, 0))[:3]
         share = "" if shares is None else f" {100 * shares[i]:.1f}%"
         faded = shares is not None and shares[i] == 0
         style = "opacity:0.45;" if faded else ""
+        brush = ""
+        if swatches is not None and i < len(swatches):
+            brush = ' data-brush="rgb({}, {}, {})"'.format(*swatches[i][:3])
         items.append(
-            f'<span class="fm-class" data-class="{i}" style="display:inline-flex;align-items:center;'
-            f'margin:2px 10px 2px 0;{style}">'
+            f'<span class="fm-class" data-class="{i}" data-name="{html.escape(str(classes[i]))}"{brush} '
+            f'style="display:inline-flex;align-items:center;margin:2px 10px 2px 0;{style}">'
             f'<span style="display:inline-block;width:14px;height:14px;border:1px solid #555;'
             f'background:rgb({r},{g},{b});margin-right:4px"></span>'
             f"{html.escape(str(classes[i]))}{share}</span>"
@@ -174,6 +187,6 @@ def _count(value: object) -> int:
 
 
 __all__ = [
-    "class_shares", "colormap", "downscale_image", "downscale_labels", "fit_size", "legend_html",
+    "class_order", "class_shares", "colormap", "downscale_image", "downscale_labels", "fit_size", "legend_html",
     "metrics_markdown", "nearest_indices", "overlay_view", "to_uint8", "uncertainty_view",
 ]

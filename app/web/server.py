@@ -1,9 +1,10 @@
 """The Gradio page and API of the web app: ``python -m app.web`` (see ``main``).
 
-Layout: an image column (upload or example, model, working size, Segment, Refine, Cancel, status)
-and tabs for the result (overlay and class legend), the uncertainty map, the before/after
-slider, the correction editor (save to the annotation store) and fine-tuning. Labels are
-offered for download as TIFF and palette PNG.
+The page (:mod:`app.web.page`): an image column (upload or example, model, working size,
+Segment, Refine, Back to the segmentation, Undo, Cancel, status) and tabs for the result
+(overlay and class legend), the uncertainty map, the before/after slider, the correction editor
+(save to the annotation store) and fine-tuning. Labels are offered for download as TIFF and
+palette PNG.
 
 API (``gradio_client``): named endpoints ``/segment``, ``/refine``, ``/save``, ``/undo``,
 ``/finetune``, ``/cancel`` and ``/models`` take files and plain values, no session state; the
@@ -36,30 +37,29 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
-import numpy as np
 from starlette.middleware import Middleware
 
 from app.workbench import FinetuneCancelled
 from engine.errors import Cancelled, FineMaskError
 from engine.installed import default_refiner
+from engine.io import DEFAULT_MAX_PIXELS
 from engine.memory import release_freed_memory
-from engine.refine_modes import MODE_HELP, REFINE_MODES
+from engine.refine_modes import DEFAULT_MODE
 
-from .editor import css_colour
-from .limits import JobGate, RequestLimits, UploadLimit, finetune_budget, parse_size, upload_bytes_cap
-from .render import legend_html, metrics_markdown, overlay_view, uncertainty_view
-from .session import WORKING_SIZE_RANGE, WebConfig, Work, Workbench
+from .limits import (
+    JobGate,
+    RequestLimits,
+    UploadLimit,
+    finetune_budget,
+    parse_size,
+    upload_bytes_cap,
+)
+from .page import ENGINE, IO, SWATCH_NAMES_JS, UPLOAD_TYPES, build_page, reporter  # noqa: F401 - IO, UPLOAD_TYPES re-exported
+from .render import overlay_view, uncertainty_view
+from .session import WebConfig, Work, Workbench
 
 log = logging.getLogger("finemask.web")
-ENGINE = "engine"  # concurrency group of all model work
-IO = "io"  # concurrency group of reading uploads
-UPLOAD_TYPES = [".png", ".jpg", ".jpeg", ".tif", ".tiff"]
 API_FILE_MAX_AGE_S = 3600
-
-HELP = """# FineMask
-Segment an image, refine the mask at full resolution, correct it with the brush, save it to
-the annotation store, and fine-tune the model on your corrections. Everything runs on this
-machine; nothing is sent anywhere."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -92,15 +92,8 @@ def _session(request: gr.Request | None) -> str:
     return getattr(request, "session_hash", None) or ""
 
 
-def _reporter(progress: gr.Progress) -> Callable[[int, int, str], None]:
-    def report(done: int, total: int, message: str) -> None:
-        progress((int(done), max(int(total), 1)), desc=message)
-
-    return report
-
-
 def user_errors(fn: Callable) -> Callable:
-    """Turn every failure into a message in the page (the server keeps running).
+    """Turn every failure of an API function into an error the client gets (the server keeps running).
 
     FineMaskError (bad file, unknown model, ...) shows its text, which names the file;
     cancellation says so; anything else is logged with its traceback and summarised.
@@ -150,129 +143,6 @@ def build_app(config: WebConfig | None = None, *, model: str | Path | None = Non
     def budget(steps: float | None, minutes: float | None) -> tuple[int, float]:
         """(steps, minutes) of one fine-tuning request within the server's caps (0 steps: the default)."""
         return finetune_budget(int(steps) if steps else None, minutes, limits, cfg.finetune.steps)
-    seg_choices = bench.model_choices("segmentation")
-    ref_choices = bench.model_choices("refinement")
-
-    def all_choices() -> list[tuple[str, str]]:
-        return [(f"{label} · {task}", key) for task in ("segmentation", "refinement")
-                for label, key in bench.model_choices(task)]
-
-    def brush_for(work: Work | None) -> gr.Brush:
-        colours = bench.brush_colours(work) if work is not None and work.classes else _default_colours(bench)
-        return gr.Brush(colors=[css_colour(c) for c in colours], color_mode="fixed")
-
-    def views(work: Work | None, status: str = "") -> tuple:
-        """Values of every output that shows ``work``."""
-        if work is None:
-            return (None, None, None, None, "", None, None, status or bench.store_summary())
-        shown = overlay_view(work.image, work.labels, work.palette, cfg.display_max_side)
-        uncertainty = None if work.uncertainty is None else uncertainty_view(work.uncertainty, cfg.display_max_side)
-        slider = None
-        if work.before is not None:
-            slider = (overlay_view(work.image, work.before, work.palette, cfg.display_max_side), shown)
-        legend = legend_html(work.classes, work.palette, work.labels) if work.labels is not None else ""
-        editor = None
-        if work.labels is not None:
-            background = overlay_view(work.image, work.labels, work.palette, cfg.editor_max_side)
-            editor = gr.ImageEditor(value={"background": background, "layers": [], "composite": None},
-                                    brush=brush_for(work))
-        files = [str(p) for p in bench.export(work)] or None
-        lines = [f"**{work.name}** · {work.shape[1]}×{work.shape[0]} px", ""]
-        if status:
-            lines.append(f"- {status}")
-        lines += [f"- {note}" for note in work.notes]
-        if work.model_key:
-            lines.append(f"- model `{work.model_key}`, working size {work.working_size[1]}×{work.working_size[0]}"
-                         if work.working_size else f"- classes of `{work.model_key}`")
-        lines += [f"- {step}: {seconds:.1f} s" for step, seconds in work.seconds.items()]
-        lines += ["", bench.store_summary()]
-        return (work, shown, uncertainty, slider, legend, editor, files, "\n".join(lines))
-
-    # ---------------------------------------------------------------- handlers of the page
-
-    @user_errors
-    def on_upload(path: str | None):
-        if not path:
-            return views(None)
-        work = bench.open_image(path)
-        for note in work.notes:
-            gr.Warning(f"{work.name}: {note}")
-        return views(work, "Image loaded: choose a model and press Segment.")
-
-    def need_image(work: Work | None) -> Work:
-        if work is None:
-            raise FineMaskError("no image yet: upload one or pick an example first")
-        return work
-
-    @user_errors
-    def on_segment(work: Work | None, model_key: str, size: float, request: gr.Request,
-                   progress: gr.Progress = gr.Progress()):
-        work = bench.segment(need_image(work), model_key, int(size), _reporter(progress), flags.start(_session(request)))
-        return views(work, "Segmented. Refine for sharper edges, or correct and save.")
-
-    @user_errors
-    def on_refine(work: Work | None, refiner_key: str | None, mode: str, request: gr.Request,
-                  progress: gr.Progress = gr.Progress()):
-        work = bench.refine(need_image(work), refiner_key, mode, _reporter(progress), flags.start(_session(request)))
-        return views(work, f"Refined ({mode}).")
-
-    def pending_layers(edited: dict | None) -> list[np.ndarray]:
-        return list((edited or {}).get("layers") or [])
-
-    @user_errors
-    def on_apply(work: Work | None, edited: dict | None, request: gr.Request, progress: gr.Progress = gr.Progress()):
-        work = need_image(work)
-        layers = pending_layers(edited)
-        if not layers:
-            gr.Info("Nothing painted yet: pick a class colour and paint over the image.")
-            return views(work)
-        result = bench.apply_edit(work, layers, _reporter(progress), flags.start(_session(request)))
-        snapped = " (edges re-snapped by the refiner)" if result.snapped else ""
-        return views(work, f"Correction applied: {result.changed} pixels changed{snapped}.")
-
-    @user_errors
-    def on_save(work: Work | None, edited: dict | None, request: gr.Request, progress: gr.Progress = gr.Progress()):
-        work = need_image(work)
-        note = ""
-        layers = pending_layers(edited)
-        if layers:
-            result = bench.apply_edit(work, layers, _reporter(progress), flags.start(_session(request)))
-            note = f"{result.changed} pixels corrected; "
-        record = bench.save(work)
-        gr.Info(f"Saved '{record.id}' to the annotation store.")
-        version = _labels_version(record.labels_path)
-        version = f", version {version}" if version and version > 1 else ""
-        return views(work, f"{note}saved as pair `{record.id}` ({record.split}, {record.origin}{version}).")
-
-    @user_errors
-    def on_undo(work: Work | None, request: gr.Request, progress: gr.Progress = gr.Progress()):
-        work = need_image(work)
-        record = bench.undo(work, _reporter(progress), flags.start(_session(request)))
-        gr.Info(f"'{record.id}' is back to its previous labels in the annotation store.")
-        return views(work, f"Last save undone: pair `{record.id}` is back to its previous labels "
-                           f"({record.origin}).")
-
-    @user_errors
-    def on_finetune(base: str, steps: float, minutes: float, request: gr.Request,
-                    progress: gr.Progress = gr.Progress()):
-        try:
-            result = bench.finetune(base, *budget(steps, minutes), _reporter(progress),
-                                    flags.start(_session(request)))
-            text = metrics_markdown(result.before, result.after, result.name)
-            gr.Info(f"New model version '{result.name}' is ready in the model list.")
-        except FinetuneCancelled as exc:
-            text = f"*{str(exc).capitalize()}.*"
-            gr.Warning(text.strip("*"))
-        return (text, gr.Dropdown(choices=bench.model_choices("segmentation")),
-                gr.Dropdown(choices=bench.model_choices("refinement")), gr.Dropdown(choices=all_choices()))
-
-    def on_cancel(request: gr.Request):
-        if flags.cancel(_session(request)):
-            gr.Info("Cancelling at the next step…")
-
-    def on_model(model_key: str):
-        return bench.model_working_size(model_key)
-
     # ---------------------------------------------------------------- handlers of the API
 
     def api_work(image: str, name_hint: str | None = None) -> Work:
@@ -294,7 +164,7 @@ def build_app(config: WebConfig | None = None, *, model: str | Path | None = Non
                     progress: gr.Progress = gr.Progress()):
         """Segment an image file. Returns overlay, labels TIFF, labels PNG, uncertainty map, info."""
         work = api_work(image)
-        bench.segment(work, model or None, int(working_size) if working_size else None, _reporter(progress),
+        bench.segment(work, model or None, int(working_size) if working_size else None, reporter(progress),
                       flags.start(_session(request)))
         return api_outputs(work)
 
@@ -307,7 +177,7 @@ def build_app(config: WebConfig | None = None, *, model: str | Path | None = Non
             raise FineMaskError("no labels given")
         bench.set_labels(work, labels, model or None)
         work.origin = "predicted"
-        bench.refine(work, refiner or None, mode or "fast", _reporter(progress), flags.start(_session(request)))
+        bench.refine(work, refiner or None, mode or DEFAULT_MODE, reporter(progress), flags.start(_session(request)))
         return api_outputs(work)
 
     @user_errors
@@ -329,7 +199,7 @@ def build_app(config: WebConfig | None = None, *, model: str | Path | None = Non
         started = time.perf_counter()
         try:
             result = bench.finetune(base or None, *budget(steps, minutes),
-                                    _reporter(progress), flags.start(_session(request)))
+                                    reporter(progress), flags.start(_session(request)))
         except FinetuneCancelled as exc:  # the API's answer for a cancelled run (no version written)
             return {"name": None, "finished": False, "steps": exc.steps, "before": exc.before, "after": {},
                     "seconds": round(time.perf_counter() - started, 1)}
@@ -341,7 +211,7 @@ def build_app(config: WebConfig | None = None, *, model: str | Path | None = Non
         """Undo the last save of a store pair (the id /save returned). Returns the pair's record."""
         if not pair_id:
             raise FineMaskError("no pair id given: use the pair_id that /save returned")
-        record = bench.undo_pair(pair_id, _reporter(progress), flags.start(_session(request)))
+        record = bench.undo_pair(pair_id, reporter(progress), flags.start(_session(request)))
         return {"pair_id": record.id, "split": record.split, "origin": record.origin,
                 "versions_left": record.history_length, "store": str(bench.store.root)}
 
@@ -357,98 +227,10 @@ def build_app(config: WebConfig | None = None, *, model: str | Path | None = Non
                 "refiner_problem": bench.refiner_problem}
 
     # ---------------------------------------------------------------- layout
-
     with gr.Blocks(title="FineMask", delete_cache=(1800, 7200)) as demo:
-        work_state = gr.State(None, delete_callback=_forget)
-        gr.Markdown(HELP)
-        with gr.Row():
-            with gr.Column(scale=1, min_width=300):
-                image_file = gr.File(label="Image (PNG, JPEG, TIFF incl. 16-bit)", file_types=UPLOAD_TYPES,
-                                     type="filepath", elem_id="image-file")
-                examples = served_examples(cfg.examples, warn=True)
-                if examples:
-                    gr.Examples(examples=[[str(p)] for p in examples], inputs=[image_file],
-                                label="Examples", elem_id="examples")
-                model_dd = gr.Dropdown(seg_choices, value=bench.default_model, label="Segmentation model",
-                                       elem_id="model")
-                size = gr.Slider(*WORKING_SIZE_RANGE, step=16, value=bench.model_working_size(bench.default_model),
-                                 label="Working size (longer side, px)", elem_id="working-size")
-                segment_btn = gr.Button("Segment", variant="primary", elem_id="segment-btn")
-                refiner_dd = gr.Dropdown(ref_choices, value=bench.default_refiner, label="Refinement model",
-                                         elem_id="refiner", allow_custom_value=False)
-                mode = gr.Radio(list(REFINE_MODES), value="fast", label="Refinement",
-                                info="; ".join(f"{k}: {v}" for k, v in MODE_HELP.items()))
-                refine_btn = gr.Button("Refine", elem_id="refine-btn")
-                cancel_btn = gr.Button("Cancel", variant="stop", elem_id="cancel-btn")
-                status = gr.Markdown(bench.store_summary(), elem_id="status")
-                if bench.refiner_problem:
-                    gr.Markdown(f"*{bench.refiner_problem}*", elem_id="refiner-problem")
-            with gr.Column(scale=2):
-                with gr.Tabs():
-                    with gr.Tab("Result", id="result"):
-                        overlay_img = gr.Image(label="Segmentation overlay", type="numpy", interactive=False,
-                                               format="jpeg", elem_id="overlay")
-                        legend = gr.HTML(elem_id="legend")
-                    with gr.Tab("Uncertainty", id="uncertainty"):
-                        uncertainty_img = gr.Image(label="Uncertainty (1 − top class probability; yellow = unsure)",
-                                                   type="numpy", interactive=False, format="jpeg",
-                                                   elem_id="uncertainty")
-                    with gr.Tab("Before / after", id="compare"):
-                        slider = gr.ImageSlider(label="Before / after the last refinement or correction",
-                                                type="numpy", format="jpeg", elem_id="compare")
-                    with gr.Tab("Correct", id="correct"):
-                        gr.Markdown("Paint with a class colour (brush), remove paint with the eraser, then "
-                                    "**Apply** to see the result or **Save** to store it. Large images are "
-                                    "edited on a preview and re-snapped to image edges at full resolution.")
-                        editor = gr.ImageEditor(label="Correction", type="numpy", image_mode="RGBA", sources=(),
-                                                transforms=(), brush=brush_for(None), eraser=gr.Eraser(),
-                                                layers=gr.LayerOptions(allow_additional_layers=False,
-                                                                       layers=["corrections"]),
-                                                format="jpeg", elem_id="editor", interactive=True)
-                        editor_legend = gr.HTML(elem_id="editor-legend")
-                        with gr.Row():
-                            apply_btn = gr.Button("Apply correction", elem_id="apply-btn")
-                            save_btn = gr.Button("Save to store", variant="primary", elem_id="save-btn")
-                            undo_btn = gr.Button("Undo last save", elem_id="undo-btn")
-                    with gr.Tab("Fine-tune", id="finetune"):
-                        base_dd = gr.Dropdown(all_choices(), value=bench.default_model, label="Base model",
-                                              elem_id="ft-base")
-                        with gr.Row():
-                            steps = gr.Slider(1, limits.max_finetune_steps, step=1, label="Steps",
-                                              value=min(cfg.finetune.steps, limits.max_finetune_steps))
-                            minutes = gr.Number(0, minimum=0, maximum=limits.max_finetune_minutes,
-                                                label=f"Time budget (minutes, 0 = the server's "
-                                                      f"{limits.max_finetune_minutes:g})")
-                        with gr.Row():
-                            ft_btn = gr.Button("Fine-tune on the store", variant="primary", elem_id="ft-btn")
-                            ft_cancel = gr.Button("Cancel", variant="stop", elem_id="ft-cancel")
-                        ft_result = gr.Markdown(elem_id="ft-result")
-                downloads = gr.File(label="Labels (TIFF, palette PNG)", file_count="multiple", interactive=False,
-                                    elem_id="downloads")
-
-        shown = [work_state, overlay_img, uncertainty_img, slider, legend, editor, downloads, status]
-        engine = dict(concurrency_id=ENGINE, api_visibility="private")
-
-        def with_editor_legend(outputs_fn: Callable) -> Callable:
-            """Also copy the legend into the editor tab."""
-            @functools.wraps(outputs_fn)
-            def wrapped(*args: Any, **kwargs: Any) -> tuple:
-                values = outputs_fn(*args, **kwargs)
-                return (*values, values[4])
-            return wrapped
-
-        outs = [*shown, editor_legend]
-        image_file.change(with_editor_legend(on_upload), [image_file], outs, concurrency_id=IO,
-                          concurrency_limit=max(1, cfg.concurrency), api_visibility="private")
-        segment_btn.click(with_editor_legend(on_segment), [work_state, model_dd, size], outs, **engine)
-        refine_btn.click(with_editor_legend(on_refine), [work_state, refiner_dd, mode], outs, **engine)
-        apply_btn.click(with_editor_legend(on_apply), [work_state, editor], outs, **engine)
-        save_btn.click(with_editor_legend(on_save), [work_state, editor], outs, **engine)
-        undo_btn.click(with_editor_legend(on_undo), [work_state], outs, **engine)
-        cancel_btn.click(on_cancel, None, None, queue=False, api_visibility="private")
-        ft_cancel.click(on_cancel, None, None, queue=False, api_visibility="private")
-        model_dd.change(on_model, [model_dd], [size], queue=False, api_visibility="private")
-        ft_btn.click(on_finetune, [base_dd, steps, minutes], [ft_result, model_dd, refiner_dd, base_dd], **engine)
+        demo.finemask_page = build_page(  # type: ignore[attr-defined]
+            bench, served_examples(cfg.examples, warn=True), flags, budget, limits.max_finetune_steps,
+            limits.max_finetune_minutes)
 
         # API-only endpoints: hidden components give them typed, named parameters.
         with gr.Group(visible=False):
@@ -456,7 +238,7 @@ def build_app(config: WebConfig | None = None, *, model: str | Path | None = Non
             a_labels = gr.File(label="labels", file_types=[".tif", ".tiff", ".png"], type="filepath")
             a_model = gr.Textbox("", label="model")
             a_refiner = gr.Textbox("", label="refiner")
-            a_mode = gr.Textbox("fast", label="mode")
+            a_mode = gr.Textbox(DEFAULT_MODE, label="mode")
             a_origin = gr.Textbox("corrected", label="origin")
             a_pair = gr.Textbox("", label="pair_id")
             a_size = gr.Number(0, label="working_size")
@@ -508,25 +290,6 @@ def served_examples(paths: list[Path], *, warn: bool = False) -> list[Path]:
     return kept
 
 
-def _default_colours(bench: Workbench) -> list[tuple[int, int, int]]:
-    from .editor import brush_colours
-
-    card = bench.registry.entry(bench.default_model, "segmentation").card
-    return brush_colours([list(c) for c in card.palette], max(len(card.classes), 1))
-
-
-def _labels_version(labels_path: Path) -> int | None:
-    """N of the store's ``labels/<id>.v<N>.tif`` file name (counts every save of a pair)."""
-    _, sep, number = labels_path.stem.rpartition(".v")
-    return int(number) if sep and number.isdigit() else None
-
-
-def _forget(work: Work | None) -> None:
-    """Called by Gradio when a session's state expires: remove its download files."""
-    if work is not None:
-        shutil.rmtree(work.outdir, ignore_errors=True)
-
-
 def _sweep(folder: Path, max_age_s: float) -> None:
     """Remove per-call output folders older than ``max_age_s`` (API calls leave one each)."""
     now = time.time()
@@ -563,6 +326,7 @@ def launch(demo: gr.Blocks, *, block: bool = True) -> str:
         server_name=cfg.host, server_port=cfg.port, share=cfg.share, auth=cfg.auth,
         max_file_size=cfg.max_file_size, allowed_paths=allowed, blocked_paths=[str(bench.store.root.resolve())],
         prevent_thread_lock=True, quiet=True, show_error=True, ssr_mode=False, footer_links=["api", "settings"],
+        head=SWATCH_NAMES_JS,
         app_kwargs={"middleware": [Middleware(UploadLimit, max_files=limits.max_upload_files, max_bytes=upload_cap)]},
     )
     print(f"FineMask web app running on {url}" + (f" (public link: {share_url})" if share_url else ""), flush=True)
@@ -589,7 +353,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default="camvid", help="default segmentation model: shipped name or folder (camvid)")
     p.add_argument("--refiner", default=default_refiner(), help="default refiner (cascadepsp if installed)")
     p.add_argument("--max-pixels", type=int, default=None,
-                   help=f"largest image in pixels (default $FINEMASK_MAX_PIXELS or {8192 * 8192:,})")
+                   help=f"largest image in pixels (default $FINEMASK_MAX_PIXELS or {DEFAULT_MAX_PIXELS:,} = "
+                        "16384x16384, the limit of every FineMask front end)")
     p.add_argument("--max-file-size", default="500mb", help="largest upload, e.g. 500mb (default)")
     p.add_argument("--concurrency", type=int, default=1, help="model jobs running at once over all users (1)")
     p.add_argument("--queue-size", type=int, default=20,

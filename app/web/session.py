@@ -11,7 +11,6 @@ shows messages.
 from __future__ import annotations
 
 import dataclasses
-import os
 import shutil
 import tempfile
 import uuid
@@ -31,13 +30,21 @@ from app.workbench import (  # noqa: F401 - re-exported for the server and older
     ModelEntry,
     inspect_header,
 )
+from app.workbench.samples import bundled_samples
 from engine.assets import SAMPLES_DIR
 from engine.errors import FineMaskError
-from engine.io import IMAGE_SUFFIXES, read_labels, write_labels
+from engine.io import (
+    IMAGE_SUFFIXES,
+    image_shape,
+    max_pixels_limit,
+    read_labels,
+    write_labels,
+)
+from engine.refine_modes import DEFAULT_MODE
 from engine.store import PairRecord, Store
 
 from .editor import EditResult, brush_colours, strokes_from_layers
-from .render import class_shares, fit_size
+from .render import class_order, class_shares, fit_size
 
 if TYPE_CHECKING:
     from engine.refine import Refiner
@@ -47,10 +54,13 @@ if TYPE_CHECKING:
 ProgressFn = Callable[[int, int, str], None]
 CancelFn = Callable[[], bool]
 
-#: Pixel limit of the web app unless ``FINEMASK_MAX_PIXELS`` or ``--max-pixels`` says otherwise:
-#: 8192 x 8192. Lower than the engine's default because one server's memory is shared by every
-#: user (napari opens what its user's own machine can hold).
-WEB_MAX_PIXELS = 8192 * 8192
+#: Labels changes (refine, correction, back to the segmentation, undo of a save) one image can
+#: take back with Undo, and the memory their kept label maps may take.
+HISTORY_STEPS = 10
+HISTORY_BYTES = 1 << 30
+#: What the uncertainty map shows after a segmentation and after a refinement.
+SEGMENTER_UNCERTAINTY = "Segmenter's uncertainty: 1 − top class probability (yellow = unsure)"
+REFINER_UNCERTAINTY = "Refiner's uncertainty: 1 − the refiner's confidence in the result (yellow = unsure)"
 
 
 def default_store_dir() -> Path:
@@ -61,11 +71,15 @@ def default_store_dir() -> Path:
 
 
 def bundled_examples() -> list[Path]:
-    """Sample images shipped in ``assets/samples``, smallest file first."""
+    """Sample images shipped in ``assets/samples``: the described ones first, in the order
+    ``samples.json`` gives them (each in a shipped model's domain first), then any others,
+    smallest file first."""
     if not SAMPLES_DIR.is_dir():
         return []
-    found = [p for p in SAMPLES_DIR.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
-    return sorted(found, key=lambda p: (p.stat().st_size, p.name))
+    described = [s.path for s in bundled_samples(SAMPLES_DIR)]
+    others = [p for p in SAMPLES_DIR.iterdir()
+              if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and p not in described]
+    return described + sorted(others, key=lambda p: (p.stat().st_size, p.name))
 
 
 def _default_finetune() -> FinetuneConfig:
@@ -80,8 +94,8 @@ class WebConfig:
 
     ``model``/``refiner``: default segmentation and refinement model (shipped or installed name,
     or folder; the refiner defaults to the official CascadePSP weights once installed, else
-    refine-light). ``max_pixels``: largest image accepted (None: ``$FINEMASK_MAX_PIXELS``, else
-    ``WEB_MAX_PIXELS``). ``max_file_size``: largest upload ("500mb", or bytes). ``concurrency``:
+    refine-light). ``max_pixels``: largest image accepted (None: the limit of every front end,
+    ``$FINEMASK_MAX_PIXELS`` or ``engine.io.DEFAULT_MAX_PIXELS``). ``max_file_size``: largest upload ("500mb", or bytes). ``concurrency``:
     model jobs (segment, refine, edit, save, fine-tune) running at once over all users; the rest
     wait in a queue of at most ``queue_size``. ``editor_max_side``: longest side of the image in
     the browser editor; larger images are edited on a preview. ``display_max_side``: longest side
@@ -107,14 +121,28 @@ class WebConfig:
     examples: list[Path] = field(default_factory=bundled_examples)
 
     def pixel_limit(self) -> int:
-        if self.max_pixels is not None:
-            return int(self.max_pixels)
-        env = os.environ.get("FINEMASK_MAX_PIXELS")
-        return int(env) if env else WEB_MAX_PIXELS
+        """``max_pixels``, else ``$FINEMASK_MAX_PIXELS``, else the engine's default (as the CLI and napari)."""
+        return max_pixels_limit(self.max_pixels)
 
 
 # --------------------------------------------------------------------------------------------
 # One user's work
+
+
+@dataclass
+class LabelState:
+    """What one step changed, kept so that Undo can go back: the labels and what goes with them."""
+
+    labels: np.ndarray | None
+    before: np.ndarray | None
+    probs: np.ndarray | None
+    uncertainty: np.ndarray | None
+    uncertainty_label: str
+    origin: str | None
+    step: str
+
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.labels, self.before, self.probs, self.uncertainty) if a is not None)
 
 
 @dataclass
@@ -125,9 +153,12 @@ class Work:
     ``labels``: the current class map (H, W), what Save stores. ``before``: labels before the
     last refinement, correction or undo (for the before/after view). ``probs``: class
     probabilities (C, H, W) float16 while ``labels`` are the untouched segmentation of a small
-    enough image, else None. ``uncertainty``: (H, W) float16 in [0, 1]. ``origin``: store origin
-    of ``labels`` ("predicted", "refined", "corrected"). ``pair_id``: the store pair saved last
-    from this image (what Undo goes back on).
+    enough image, else None. ``uncertainty``: (H, W) float16 in [0, 1], described by
+    ``uncertainty_label``. ``origin``: store origin of ``labels`` ("predicted", "refined",
+    "corrected"). ``pair_id``: the store pair saved last from this image (what Undo last save
+    goes back on). ``segmentation``: the last segmentation as it came from the model (what
+    Refine starts from while the labels are only its refinement, and what "Back to the
+    segmentation" restores). ``history``: states before each later change, newest last (Undo).
     """
 
     name: str
@@ -139,6 +170,7 @@ class Work:
     before: np.ndarray | None = None
     probs: np.ndarray | None = None
     uncertainty: np.ndarray | None = None
+    uncertainty_label: str = SEGMENTER_UNCERTAINTY
     model_key: str | None = None
     classes: list[str] = field(default_factory=list)
     palette: list[list[int]] = field(default_factory=list)
@@ -146,10 +178,42 @@ class Work:
     origin: str | None = None
     pair_id: str | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    segmentation: LabelState | None = None
+    history: list[LabelState] = field(default_factory=list)
 
     @property
     def shape(self) -> tuple[int, int]:
         return int(self.image.shape[0]), int(self.image.shape[1])
+
+    def state(self, step: str) -> LabelState:
+        """The current labels and what goes with them, as ``step`` is about to change them."""
+        return LabelState(self.labels, self.before, self.probs, self.uncertainty, self.uncertainty_label,
+                          self.origin, step)
+
+    def remember(self, step: str) -> None:
+        """Keep the current state for Undo before ``step`` changes it (the oldest go first when
+        more than :data:`HISTORY_STEPS` or :data:`HISTORY_BYTES`)."""
+        if self.labels is None:
+            return
+        self.history.append(self.state(step))
+        while len(self.history) > HISTORY_STEPS or (len(self.history) > 1 and self._history_bytes() > HISTORY_BYTES):
+            self.history.pop(0)
+
+    def restore(self, state: LabelState) -> None:
+        self.labels, self.before, self.probs = state.labels, state.before, state.probs
+        self.uncertainty, self.uncertainty_label, self.origin = state.uncertainty, state.uncertainty_label, state.origin
+
+    def _history_bytes(self) -> int:
+        seen: dict[int, int] = {}
+        for state in self.history:
+            for a in (state.labels, state.before, state.probs, state.uncertainty):
+                if a is not None:
+                    seen[id(a)] = a.nbytes
+        return sum(seen.values())
+
+    def class_order(self) -> list[int]:
+        """Class ids in the legend's order (present classes first, largest first)."""
+        return class_order(self.labels, len(self.classes))
 
     def summary(self) -> dict[str, Any]:
         """What the API returns about the current state (JSON-ready)."""
@@ -162,10 +226,10 @@ class Work:
             info["working_size"] = list(self.working_size)
         if self.labels is not None:
             shares = class_shares(self.labels, len(self.classes))
-            info["classes"] = {self._class_name(i): round(100 * float(s), 2) for i, s in enumerate(shares) if s > 0}
+            info["classes"] = {self.class_name(i): round(100 * float(s), 2) for i, s in enumerate(shares) if s > 0}
         return info
 
-    def _class_name(self, i: int) -> str:
+    def class_name(self, i: int) -> str:
         return self.classes[i] if i < len(self.classes) else f"class {i}"
 
 
@@ -247,45 +311,75 @@ class Workbench:
     def open_image(self, path: str | Path, name: str | None = None, on_progress: ProgressFn | None = None,
                    cancel: CancelFn | None = None) -> Work:
         """Check and read an uploaded image file; problems are FineMaskErrors naming the file."""
-        opened = workbench.open_image(path, max_pixels=self.config.pixel_limit(), name=name,
-                                      on_progress=on_progress, cancel=cancel)
+        limit = self.config.pixel_limit()
+        try:
+            opened = workbench.open_image(path, max_pixels=limit, name=name, on_progress=on_progress, cancel=cancel)
+        except FineMaskError as exc:
+            raise self._pixel_limit_error(exc, path, limit) or exc from None
         outdir = self.outdir / uuid.uuid4().hex[:12]
         outdir.mkdir(parents=True, exist_ok=True)
         return Work(name=opened.name, image=opened.image, path=opened.path, outdir=outdir, notes=opened.notes)
 
+    @staticmethod
+    def _pixel_limit_error(exc: FineMaskError, path: str | Path, limit: int) -> FineMaskError | None:
+        """The refusal of an image over the pixel limit, saying how this server's limit is raised
+        (None when ``exc`` is about something else)."""
+        try:
+            H, W = image_shape(path, max_pixels=1 << 62)
+        except FineMaskError:
+            return None
+        if H * W <= limit:
+            return None
+        return FineMaskError(f"image has {H * W:,} pixels, more than the limit of {limit:,} pixels of this server; "
+                             f"whoever runs it can raise the limit: python -m app.web --max-pixels {H * W} "
+                             "(or FINEMASK_MAX_PIXELS)", exc.path)
+
     def segment(self, work: Work, model: str | None = None, working_size: int | None = None,
                 on_progress: ProgressFn | None = None, cancel: CancelFn | None = None) -> Work:
-        """Segment ``work.image`` with a segmentation model; replaces the labels."""
+        """Segment ``work.image`` with a segmentation model; replaces the labels (Undo goes back)."""
         entry = self.catalog.entry(model or self.default_model, "segmentation")
         seg = workbench.segment(self.catalog.load(entry), work.image, working_size, on_progress=on_progress,
                                 cancel=cancel)
+        work.remember("segment")
         work.seconds = dict(seg.seconds)
         work.labels, work.before, work.probs = seg.labels, None, seg.probs
         work.uncertainty = seg.uncertainty.astype(np.float16)  # half the memory of float32, for display only
+        work.uncertainty_label = SEGMENTER_UNCERTAINTY
         work.model_key = entry.key
         work.classes, work.palette = seg.classes, seg.palette
         work.working_size = seg.working_size
         work.origin = "predicted"
+        work.segmentation = work.state("segment")
         return work
 
-    def refine(self, work: Work, refiner: str | None = None, mode: str = "fast",
+    def refine(self, work: Work, refiner: str | None = None, mode: str = DEFAULT_MODE,
                on_progress: ProgressFn | None = None, cancel: CancelFn | None = None) -> Work:
-        """Refine the current labels at full resolution (``mode``: see ``engine.refine_modes``).
+        """Refine at full resolution (``mode``: see ``engine.refine_modes``).
 
-        "fast" by default here (the page and the API), "full" in napari: one server answers many
-        users, so its default is the quick global step; napari runs on its user's own machine.
+        While the labels are the last segmentation or only its refinement, the segmentation is
+        refined (a second Refine tries another mode; it does not refine a refinement); corrected
+        or loaded labels are refined as they are.
         """
         if work.labels is None:
             raise FineMaskError("nothing to refine yet: segment the image (or load labels) first")
         model = self.refiner_for(refiner)
+        source = work.state("refine")
+        if work.origin == "refined" and work.segmentation is not None:
+            source = work.segmentation
         # The web page shows the refined uncertainty map; napari shows it for segmentations only.
-        result = workbench.refine(model, work.image, work.labels, work.probs, mode=mode, uncertainty=True,
+        result = workbench.refine(model, work.image, source.labels, source.probs, mode=mode, uncertainty=True,
                                   on_progress=on_progress, cancel=cancel)
+        work.remember("refine")
         work.seconds["refine"] = result.seconds["refine"]
-        work.before, work.labels, work.probs = work.labels, result.labels, None
+        work.before, work.labels, work.probs = source.labels, result.labels, None
         work.uncertainty = result.uncertainty.astype(np.float16)
-        work.origin = "corrected" if work.origin == "corrected" else "refined"
+        work.uncertainty_label = REFINER_UNCERTAINTY
+        work.origin = "corrected" if source.origin == "corrected" else "refined"
         return work
+
+    def refines_segmentation(self, work: Work) -> bool:
+        """Whether Refine starts from the segmentation (not from corrected or loaded labels)."""
+        return work.segmentation is not None and work.origin in ("predicted", "refined")
 
     def set_labels(self, work: Work, labels_path: str | Path, model: str | None = None) -> Work:
         """Use a label file (TIFF or palette PNG of the image's size) as the current labels.
@@ -294,6 +388,7 @@ class Workbench:
         """
         entry = self.catalog.entry(model or self.default_model, "segmentation")
         labels = read_labels(labels_path, shape=work.shape, max_pixels=self.config.pixel_limit())
+        work.remember("load labels")
         work.labels, work.before, work.probs, work.uncertainty = labels, None, None, None
         work.model_key = entry.key
         card = entry.card
@@ -307,24 +402,48 @@ class Workbench:
         return fit_size(*work.shape, self.config.editor_max_side)
 
     def brush_colours(self, work: Work) -> list[tuple[int, int, int]]:
+        """One brush colour per class id (what painted colours are mapped back with)."""
         return brush_colours(work.palette, max(len(work.classes), 1))
+
+    def brush_palette(self, work: Work) -> list[tuple[str, tuple[int, int, int]]]:
+        """(class name, brush colour) in the legend's order: the editor's swatches."""
+        colours = self.brush_colours(work)
+        return [(work.class_name(i), colours[i]) for i in work.class_order() if i < len(colours)]
 
     def apply_edit(self, work: Work, layers: list[np.ndarray], on_progress: ProgressFn | None = None,
                    cancel: CancelFn | None = None) -> EditResult:
-        """Apply editor layers (RGBA at editor size) to the labels; re-snaps preview edits."""
+        """Apply editor layers (RGBA at editor size) to the labels; a preview's strokes are
+        snapped to the image's edges at full resolution."""
         if work.labels is None:
             raise FineMaskError("nothing to correct yet: segment the image first")
         strokes = strokes_from_layers(layers, self.brush_colours(work), self.editor_shape(work))
-        refiner = None
-        if strokes.shape != work.shape and self.default_refiner is not None:
-            refiner = self.refiner_for(None)
-        result = workbench.apply_edit(work.labels, strokes, work.image, refiner, on_progress=on_progress,
-                                      cancel=cancel)
+        result = workbench.apply_edit(work.labels, strokes, work.image, on_progress=on_progress, cancel=cancel)
         if result.changed:
+            work.remember("correction")
             work.before, work.labels = work.labels, result.labels
             work.probs = None
             work.origin = "corrected"
         return result
+
+    def undo_change(self, work: Work) -> str:
+        """Go back one labels change of this image (refine, correction, ...); returns the step undone."""
+        if not work.history:
+            raise FineMaskError("nothing to undo: no refinement or correction since the image was segmented")
+        state = work.history.pop()
+        work.restore(state)
+        return state.step
+
+    def back_to_segmentation(self, work: Work) -> Work:
+        """The labels of the last segmentation again (Undo goes back to what was there)."""
+        if work.segmentation is None:
+            raise FineMaskError("no segmentation of this image yet: press Segment first")
+        if work.labels is work.segmentation.labels:
+            raise FineMaskError("the labels already are the segmentation")
+        work.remember("back to the segmentation")
+        current = work.labels
+        work.restore(work.segmentation)
+        work.before = current
+        return work
 
     def save(self, work: Work, on_progress: ProgressFn | None = None, cancel: CancelFn | None = None) -> PairRecord:
         """Add the image and its current labels to the store, or update the pair saved before."""
@@ -344,6 +463,7 @@ class Workbench:
         labels = outcome.labels
         if work.labels is not None and labels.size and int(labels.max()) <= np.iinfo(work.labels.dtype).max:
             labels = labels.astype(work.labels.dtype, copy=False)
+        work.remember("undo of the last save")
         work.before, work.labels, work.probs, work.uncertainty = work.labels, labels, None, None
         work.origin = outcome.record.origin
         return outcome.record
@@ -374,8 +494,11 @@ class Workbench:
 
 
 __all__ = [
+    "HISTORY_STEPS",
     "MIN_SIDE",
-    "WEB_MAX_PIXELS",
+    "REFINER_UNCERTAINTY",
+    "SEGMENTER_UNCERTAINTY",
+    "LabelState",
     "ModelEntry",
     "WebConfig",
     "Work",

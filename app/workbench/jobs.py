@@ -52,6 +52,19 @@ def _report(on_progress: ProgressFn | None, done: int, total: int, message: str)
         on_progress(done, total, message)
 
 
+def _cancellable(on_progress: ProgressFn | None, cancel: CancelFn | None, what: str) -> ProgressFn | None:
+    """``on_progress`` that also checks ``cancel`` at every report, so a long step that reports
+    progress (the segmenter's upsampling in row strips) stops at its next report."""
+    if cancel is None:
+        return on_progress
+
+    def report(done: int, total: int, message: str) -> None:
+        check_cancel(cancel, what)
+        _report(on_progress, done, total, message)
+
+    return report
+
+
 # ------------------------------------------------------------------ open
 
 
@@ -104,7 +117,8 @@ def segment(segmenter: Segmenter, image: np.ndarray, working_size: int | None = 
     name = segmenter.card.name
     _report(on_progress, 0, 1, f"segmenting with {name}")
     t0 = time.perf_counter()
-    result = segment_step(segmenter, image, size, on_progress=on_progress, cancel=cancel)
+    result = segment_step(segmenter, image, size, on_progress=_cancellable(on_progress, cancel, "segmentation"),
+                          cancel=cancel)
     classes = list(segmenter.classes)
     palette = [list(map(int, c)) for c in segmenter.palette]
     if len(palette) < len(classes):  # a card with fewer colours than classes
@@ -173,21 +187,20 @@ def refine(refiner: Refiner, image: np.ndarray, labels: np.ndarray, probs: np.nd
 # ------------------------------------------------------------------ edit
 
 
-def apply_edit(labels: np.ndarray, strokes: np.ndarray, image: np.ndarray | None = None,
-               refiner: Refiner | None = None, *, on_progress: ProgressFn | None = None,
-               cancel: CancelFn | None = None) -> EditResult:
+def apply_edit(labels: np.ndarray, strokes: np.ndarray, image: np.ndarray | None = None, *,
+               on_progress: ProgressFn | None = None, cancel: CancelFn | None = None) -> EditResult:
     """Apply painted strokes (class ids, -1 = unpainted) to ``labels``.
 
     Strokes at the labels' size replace the painted pixels. Strokes on a smaller preview are
-    upsampled and, with a ``refiner``, their edges re-snapped to the image at full resolution
-    (``app.web.editor.apply_strokes``, UI-free). napari users paint the full-size layer
-    directly, so there only the first case occurs.
+    upsampled and, with the ``image``, their outlines snapped to the image's edges at full
+    resolution (``app.web.editor.apply_strokes``, UI-free, no model). napari users paint the
+    full-size layer directly, so there only the first case occurs.
     """
     from app.web.editor import apply_strokes
 
     check_cancel(cancel, "applying the correction")
     _report(on_progress, 0, 1, "applying the correction")
-    return apply_strokes(labels, np.asarray(strokes), image, refiner, on_progress=on_progress, cancel=cancel)
+    return apply_strokes(labels, np.asarray(strokes), image, on_progress=on_progress, cancel=cancel)
 
 
 # ------------------------------------------------------------------ store

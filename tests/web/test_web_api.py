@@ -189,28 +189,30 @@ def test_page_handlers_apply_edits_save_and_list_new_versions(server, tmp_path):
     """The page's own events (not the API): upload, segment, paint, save, fine-tune."""
     demo, _, _ = server
     bench = demo.finemask
+    page = demo.finemask_page
+    work_of, status_of = page["work"], page["status"]
     image = save_png(tmp_path / "page.png", scene(seed=7))
-    outputs = page_handler(demo, "on_upload")(str(image))
-    work = outputs[0]
-    assert work.name == "page" and work.labels is None and "Image loaded" in outputs[7]
+    outputs = page_handler(demo, "on_upload")(str(image), None)
+    work = outputs[work_of]
+    assert work.name == "page" and work.labels is None and "Image loaded" in outputs[status_of]
     outputs = page_handler(demo, "on_segment")(work, "tiny", 64, FakeRequest())
-    work, legend, editor = outputs[0], outputs[4], outputs[5]
-    assert work.labels.shape == (48, 72) and "class" in legend and outputs[8] == legend
+    work, legend, editor = outputs[work_of], outputs[page["legend"]], outputs[page["editor"]]
+    assert work.labels.shape == (48, 72) and "class" in legend
     background = editor.value["background"]  # the editor shows the overlay, at most editor_max_side
     assert background is not None and not editor.value["layers"]
 
     # paint class 2 over a box of the editor's (here full-size) image, then Save
     colour = bench.brush_colours(work)[2]
     layer = np.zeros((48, 72, 4), np.uint8)
-    layer[5:15, 10:30] = (*colour, 255)
+    layer[5:15, 10:30] = (*colour, 140)  # semi-transparent paint
     outputs = page_handler(demo, "on_save")(work, {"background": None, "layers": [layer], "composite": None},
                                             FakeRequest())
-    work = outputs[0]
+    work = outputs[work_of]
     assert (work.labels[5:15, 10:30] == 2).all() and work.origin == "corrected"
-    assert "saved as pair `page`" in outputs[7]
+    assert "saved as pair `page`" in outputs[status_of]
     _, stored = bench.store.load("page")
     np.testing.assert_array_equal(stored, work.labels)
-    files = outputs[6]
+    files = outputs[page["downloads"]]
     np.testing.assert_array_equal(read_labels(files[0]), work.labels)
 
     # paint and save again, then Undo last save: the labels and the stored pair go back
@@ -218,18 +220,19 @@ def test_page_handlers_apply_edits_save_and_list_new_versions(server, tmp_path):
     layer[:] = 0
     layer[30:40, 40:60] = (*colour, 255)
     work = page_handler(demo, "on_save")(work, {"background": None, "layers": [layer], "composite": None},
-                                         FakeRequest())[0]
+                                         FakeRequest())[work_of]
     assert (bench.store.load("page")[1][30:40, 40:60] == 2).all()
     outputs = page_handler(demo, "on_undo")(work, FakeRequest())
-    work = outputs[0]
+    work = outputs[work_of]
     np.testing.assert_array_equal(work.labels, first_saved)
     np.testing.assert_array_equal(bench.store.load("page")[1], first_saved)
-    assert "Last save undone" in outputs[7]
+    assert "Last save undone" in outputs[status_of]
 
     # fine-tune from the page: the model lists offer the new version
     while not bench.store.pairs("train"):
         bench.store.add(scene(seed=len(bench.store) + 20), work.labels, "corrected")
-    text, model_dd, refiner_dd, base_dd = page_handler(demo, "on_finetune")("tiny", 2, 0, FakeRequest())
+    outputs = page_handler(demo, "on_finetune")("tiny", 2, 0, FakeRequest())
+    text, model_dd, refiner_dd, base_dd = (outputs[page[k]] for k in ("ft_result", "model", "refiner", "ft_base"))
     new = [key for _, key in model_dd.choices if key.startswith("tiny-ft")]
     assert new and new[-1] in text
     assert [key for _, key in base_dd.choices if key == new[-1]]

@@ -20,10 +20,10 @@ pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"needs Chro
 
 
 def test_segment_refine_correct_and_save_in_the_browser(tmp_path):
-    example = bundled_examples()[0]  # the smallest bundled example
+    example = next(p for p in bundled_examples() if p.name == "mountains.jpg")  # the smaller bundled sample
     seg, ref = tiny_models(tmp_path)
     # A small editor size, so the example (over 2000 px wide) is edited on a preview and the
-    # stroke goes through the preview -> full resolution mapping and the refiner's re-snap.
+    # stroke goes through the preview -> full resolution mapping and the snap to image edges.
     config = web_config(tmp_path / "store", editor_max_side=320, display_max_side=400)
     with running_app(config, seg, ref) as (_, url), chromium_page() as page:
         page.goto(url)
@@ -37,6 +37,8 @@ def test_segment_refine_correct_and_save_in_the_browser(tmp_path):
 
         status = page.inner_text("#status")
         legend = page.inner_text("#legend")
+        # the default brush is the first swatch: the class listed first in the editor's legend
+        first_class = int(page.get_attribute("#editor-legend .fm-class", "data-class"))
         overlay_png = tmp_path / "overlay.png"
         page.get_by_role("tab", name="Result").click()
         wait_image(page, "#overlay img", 30)
@@ -51,7 +53,7 @@ def test_segment_refine_correct_and_save_in_the_browser(tmp_path):
     assert record.origin == "corrected" and record.shape == Image.open(example).size[::-1]
     _, labels = store.load(pair_id)
     h, w = labels.shape
-    assert labels[h // 2, w // 2] == 0  # the stroke (first class) starts at the image centre
+    assert labels[h // 2, w // 2] == first_class  # the stroke (first swatch) starts at the image centre
     assert "class" in legend and "%" in legend
 
     for shot in ("web_result.png", "web_correct.png"):
