@@ -75,6 +75,9 @@ def coarse_as_global(mask: np.ndarray, binarise: Callable[[np.ndarray], np.ndarr
 
 #: Coverage bounds of the boundary zone the fast mode leaves as it is (``keep_unseen``).
 EDGE_ZONE = 1e-3
+#: The fast mode acts on decisive verdicts only: it adds a region above this confidence and
+#: removes one below 1 minus it.
+DECISIVE = 0.9
 
 
 def keep_unseen(conf: np.ndarray, mask: np.ndarray, glob: GlobalResult,
@@ -94,13 +97,17 @@ def keep_unseen(conf: np.ndarray, mask: np.ndarray, glob: GlobalResult,
     is kept too - the global step cannot place a boundary more finely than its own pixel, so it
     only corrects whole regions (a false blob, a missing part), never the fine boundary of a mask
     already right at its scale (docs/RESULTS.md: gt/8 masks at 4K lost 4-5 IoU points without this);
-    and it lets go only of structures filling at least 3 x 3 reduced pixels.
+    it lets go only of structures filling at least 3 x 3 reduced pixels, and claims only pixels
+    3 x 3 reduced pixels clear of the mask, and only on decisive verdicts (confidence above
+    ``DECISIVE`` to add, below 1 minus it to remove): whole regions are added or removed, when the
+    global step is sure, and boundaries stay.
     """
     if glob.seen is None:
         return conf
-    seen = glob.seen
-    if fast:  # whole regions only: a structure must fill 3 x 3 reduced pixels to be let go
-        seen = -torch.nn.functional.max_pool2d(-seen[None, None], 3, stride=1, padding=1)[0, 0]
+    seen = near = glob.seen
+    if fast:  # whole regions only: let go of what fills 3 x 3 reduced pixels, claim only 3 x 3 clear of it
+        seen = -torch.nn.functional.max_pool2d(-glob.seen[None, None], 3, stride=1, padding=1)[0, 0]
+        near = torch.nn.functional.max_pool2d(glob.seen[None, None], 3, stride=1, padding=1)[0, 0]
     H, W = glob.full_shape
     for r0 in range(0, H, STRIP_ROWS):
         r1 = min(H, r0 + STRIP_ROWS)
@@ -111,6 +118,8 @@ def keep_unseen(conf: np.ndarray, mask: np.ndarray, glob: GlobalResult,
             zone = (cover > EDGE_ZONE) & (cover < 1 - EDGE_ZONE)
             np.copyto(strip, fg.astype(np.float32), where=zone)
         if fast:
+            strip[~fg & ((strip < DECISIVE) | (bilinear_region(near, (H, W), (r0, r1), (0, W)).numpy() > 0))] = 0.0
+            strip[fg & (strip > 1 - DECISIVE)] = 1.0
             cover = bilinear_region(seen, (H, W), (r0, r1), (0, W)).numpy()
         strip[fg & (cover <= 0.5)] = 1.0
     return conf
