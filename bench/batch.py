@@ -133,7 +133,8 @@ def main() -> None:
         if not args.no_baseline:
             rows.append(("1 process, no Dask", lambda out: run_single_process(src, out, config)))
         for w in args.workers:
-            rows.append((f"{w} worker{'s' if w > 1 else ''} x 1 thread", lambda out, w=w: run_cluster(w, src, out, config)))
+            rows.append((f"{w} worker{'s' if w > 1 else ''} x 1 thread",
+                         lambda out, w=w: run_cluster(w, src, out, config)))
         for i, (name, fn) in enumerate(rows):
             out = tmp / f"out{i}"
             out.mkdir()

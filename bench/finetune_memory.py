@@ -73,7 +73,8 @@ def main() -> int:
         print(json.dumps(run_one(*args.one, args.classes)))
         return 0
     print(f"# {platform.node()} · {platform.processor() or platform.machine()} · python {platform.python_version()}")
-    print(f"{'crop':>5} {'batch':>5} {'classes':>7} {'estimate MiB':>13} {'measured MiB':>13} {'estimate/measured':>18}")
+    print(f"{'crop':>5} {'batch':>5} {'classes':>7} {'estimate MiB':>13} {'measured MiB':>13} "
+          f"{'estimate/measured':>18}")
     for crop in args.crops:
         for batch in args.batches:
             extra = [] if args.classes is None else ["--classes", str(args.classes)]

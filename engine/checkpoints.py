@@ -64,7 +64,7 @@ class ModelCard:
         return json.dumps(asdict(self), indent=2, sort_keys=False)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], path: Path | None = None) -> "ModelCard":
+    def from_dict(cls, data: Mapping[str, Any], path: Path | None = None) -> ModelCard:
         """A card from its JSON object, checked field by field (FineMaskError naming ``path``)."""
         known = {f for f in cls.__dataclass_fields__}
         missing = [k for k in ("name", "task", "architecture", "config") if k not in data]

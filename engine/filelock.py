@@ -100,7 +100,7 @@ class FileLock:
                 os.close(fd)
         self._thread_lock.release()
 
-    def __enter__(self) -> "FileLock":
+    def __enter__(self) -> FileLock:
         self.acquire()
         return self
 

@@ -54,7 +54,7 @@ class Segmenter:
         self._activation_bpp: float | None = None
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | Path = "camvid", device: str | None = None) -> "Segmenter":
+    def from_pretrained(cls, name_or_path: str | Path = "camvid", device: str | None = None) -> Segmenter:
         """Load a shipped model by name (``"camvid"``, ``"idrid"``) or a checkpoint folder."""
         from .models import SegmenterConfig, create_model
 
@@ -68,7 +68,7 @@ class Segmenter:
             config = SegmenterConfig(**card.config)
             with torch.device("meta"):
                 probe = create_model(config, inference=True)
-        except Exception as exc:  # any failure of an untrusted config is the card's problem
+        except Exception as exc:  # noqa: BLE001 - any failure of an untrusted config is the card's problem
             raise FineMaskError(f"model card's config does not describe a DSRL model ({exc})", path) from None
         check_inference_state(probe.state_dict(), state, path)
         model = create_model(config, inference=True)

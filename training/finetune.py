@@ -62,8 +62,9 @@ class FinetuneConfig:
     normally (whichever comes first). ``crop``: (height, width) of the training crops at the
     model's output scale (DSRL) ; refiners always use 224x224 crops. ``ignore_index``: label
     value that marks unlabelled pixels (never a class; default 255, the store's unlabelled
-    value). ``name``: the version's name (default ``<base>-ft<N>``). ``input_size``: a new working size (width, height) for a segmenter, say to
-    move a street-scene model to 4K fundus images; training then sees the data at that scale.
+    value). ``name``: the version's name (default ``<base>-ft<N>``). ``input_size``: a new working
+    size (width, height) for a segmenter, say to move a street-scene model to 4K fundus images;
+    training then sees the data at that scale.
     """
 
     steps: int = 300

@@ -1,8 +1,9 @@
 """Command-line launch of training runs, single process or under ``torchrun``.
 
 ``finemask train dsrl|refine ...`` / ``finemask finetune ...`` and ``torchrun --nproc-per-node N
--m training dsrl|refine|finetune ...`` share these parsers. Under torchrun each process joins the process group (NCCL on GPUs, gloo on CPU) and
-the loop splits every global batch over the ranks; rank 0 writes checkpoints and logs.
+-m training dsrl|refine|finetune ...`` share these parsers. Under torchrun each process joins the
+process group (NCCL on GPUs, gloo on CPU) and the loop splits every global batch over the ranks;
+rank 0 writes checkpoints and logs.
 """
 from __future__ import annotations
 
@@ -59,7 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ckpt-every", type=int, default=200)
     parser.add_argument("--time-budget", type=float, default=None, metavar="MIN",
                         help="stop this sitting after MIN minutes with a checkpoint (--resume continues)")
-    parser.add_argument("--run", dest="run_dir", type=Path, default=None, help="run folder (default runs/<data>-<variant>)")
+    parser.add_argument("--run", dest="run_dir", type=Path, default=None,
+                        help="run folder (default runs/<data>-<variant>)")
     parser.add_argument("--resume", action="store_true", help="continue the run from its last checkpoint")
     parser.add_argument("--pretrained", default=None, metavar="NAME|FILE",
                         help="start the encoder from ImageNet ResNet weights: an installed name "

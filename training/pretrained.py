@@ -163,9 +163,9 @@ def describe_resnet(keys) -> str:
 
 def _encoder_of(model: nn.Module) -> tuple[nn.Module, str]:
     """The ResNet of ``model`` that takes ImageNet weights, and its name for messages."""
+    from engine.models.cascadepsp import DilatedResNet, RefinementModule
     from engine.models.dsrl import DSRL
     from engine.models.encoders import ResNetEncoder
-    from engine.models.cascadepsp import DilatedResNet, RefinementModule
 
     if isinstance(model, DSRL):
         if not isinstance(model.encoder, ResNetEncoder):

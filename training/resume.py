@@ -102,7 +102,7 @@ def load_state(folder: str | Path) -> dict[str, Any]:
     try:
         tensors = load_file(str(folder / TENSORS_FILE))
         skeleton = json.loads((folder / SKELETON_FILE).read_text(encoding="utf-8"))
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any failure to decode is the file's problem
         raise FineMaskError(f"training state is missing or unreadable ({exc})", folder) from None
     return unpack(tensors, skeleton)
 

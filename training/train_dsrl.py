@@ -21,8 +21,8 @@ from engine.models.dupsampling import fit_basis
 from training.data.dsrl_pairs import DSRLPairConfig, DSRLPairs
 from training.data.readers import CachedDataset, SegmentationDataset
 from training.data.registry import load_dataset
-from training.losses import dsrl_loss
 from training.loop import EpochKeyed, LoopConfig, LoopResult, ProgressFn, _is_main, train_loop
+from training.losses import dsrl_loss
 from training.pretrained import start_run_from
 
 #: Where each dataset's terms are stated, for model cards.
@@ -70,7 +70,8 @@ def build_model(cfg: DSRLTrainConfig, dataset: SegmentationDataset) -> torch.nn.
 
 
 def _fit_dataset_basis(dataset: SegmentationDataset, config: SegmenterConfig, ratio: int) -> torch.Tensor:
-    """W from the training labels at the decoder's resolution (the LR input size: labels / 2); void pixels add nothing."""
+    """W from the training labels at the decoder's resolution (the LR input size: labels / 2);
+    void pixels add nothing."""
     maps = []
     for i in range(len(dataset)):
         labels = dataset.load_labels(i)[::2, ::2].astype(np.int64)

@@ -25,7 +25,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="refinement model name or folder (default: cascadepsp once installed, else refine-light)")
     add_mode_arguments(p, prefix="with --refine: ")
     p.add_argument("--L", type=int, default=900, dest="L", help="refiner working size and tile size (900)")
-    p.add_argument("--tiles", choices=("cover", "fraction", "boundary", "all"), default="cover", help="which tiles the refiner runs (cover)")
+    p.add_argument("--tiles", choices=("cover", "fraction", "boundary", "all"), default="cover",
+                   help="which tiles the refiner runs (cover)")
     p.add_argument("--tile-batch", type=int, default=None,
                    help="tiles per refinement batch (default: 1 on CPU workers, 8 on GPU workers)")
     p.add_argument("--huge-pixels", type=int, default=None,
@@ -53,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
     refiner = (args.refiner or default_refiner()) if args.refine else None
     from engine.refine_modes import mode_options
 
-    config = BatchConfig(model=args.model, refiner=refiner, **mode_options(chosen_mode(args)), L=args.L, working_size=args.working_size,
+    config = BatchConfig(model=args.model, refiner=refiner, **mode_options(chosen_mode(args)), L=args.L,
+                         working_size=args.working_size,
                          selection=args.tiles, tile_batch=args.tile_batch, device=args.device, **huge)
     with tqdm(total=0, desc="batch", unit="image", dynamic_ncols=True) as bar:
         def on_progress(done: int, total: int, message: str) -> None:

@@ -54,7 +54,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     sr = jobs.add_parser("sr", help="PSNR/SSIM of a DSRL model's SR branch x2 against bicubic")
     sr.add_argument("--model", default="camvid", help="model name or folder that kept its SR branch")
-    sr.add_argument("folder", type=Path, nargs="+", help="folders of *_LR.png / *_HR.png pairs (e.g. sr/Set5/image_SRF_2)")
+    sr.add_argument("folder", type=Path, nargs="+",
+                    help="folders of *_LR.png / *_HR.png pairs (e.g. sr/Set5/image_SRF_2)")
     sr.add_argument("--json", action="store_true")
     sr.add_argument("--record", action="store_true", help="store the scores in the model's card")
     sr.set_defaults(run=run_sr)
@@ -86,10 +87,10 @@ def run_seg(args: argparse.Namespace) -> int:
 
 
 def run_refine(args: argparse.Namespace) -> int:
+    from engine.installed import default_refiner
     from engine.refine import Refiner
     from engine.segment import Segmenter
     from training.data.registry import load_dataset
-    from engine.installed import default_refiner
     from training.evaluate import evaluate_refiner
 
     args.model = args.model or default_refiner()
@@ -121,9 +122,9 @@ def run_refine(args: argparse.Namespace) -> int:
 
 
 def run_refine_crops(args: argparse.Namespace) -> int:
+    from engine.installed import default_refiner
     from engine.refine import Refiner
     from training.data.refine_crops import REFINE_SOURCES, RefineCropConfig, build_refine_crops
-    from engine.installed import default_refiner
     from training.evaluate import evaluate_refiner_crops
 
     args.model = args.model or default_refiner()

@@ -102,7 +102,7 @@ def run_list(args: argparse.Namespace) -> int:
         print(f"fine-tuned in {args.store}:")
         if not versions:
             print("  none")
-        for name, folder, card in versions:
+        for name, _folder, card in versions:
             _row(name, card.task, metrics_summary(card.metrics))
     return 0
 

@@ -48,9 +48,8 @@ def load_refiner(model: str, device: str | None = None, threads: int | None = No
 
 
 def run(args: argparse.Namespace) -> int:
-    from engine.io import read_image, read_labels, write_image, write_labels
-
     from app.commands.outputs import check_output_file
+    from engine.io import read_image, read_labels, write_image, write_labels
 
     check_output_file(args.output, [args.image, args.mask], (".png", ".tif", ".tiff"))
     image = read_image(args.image)

@@ -43,7 +43,7 @@ def open_image(path: str | Path, *, max_pixels: int | None = None, name: str | N
         image = read_image(path, max_pixels=max_pixels)
     except FineMaskError as exc:
         raise FineMaskError(exc.problem, shown) from None
-    except Exception as exc:  # a header the engine accepted but Pillow/tifffile choke on
+    except Exception as exc:  # noqa: BLE001 - a header the engine accepted but Pillow/tifffile choke on
         raise FineMaskError(f"cannot read the image: corrupt or unsupported file ({exc})", shown) from None
     if bits == 8:
         image = (image * 255.0 + 0.5).astype(np.uint8)

@@ -19,23 +19,21 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from engine.refine_modes import DEFAULT_MODE
 from engine.errors import Cancelled, FineMaskError
 from engine.hashing import file_sha256
 from engine.io import default_palette, image_shape, read_labels
 from engine.pipeline import check_cancel, refine_step, segment_step
-from engine.refine_modes import mode_options
+from engine.refine_modes import DEFAULT_MODE, mode_options
 from engine.store import UNLABELLED, PairRecord, Store, check_class_ids
 
 from .images import OpenedImage
 from .images import open_image as _open_image
 
 if TYPE_CHECKING:
+    from app.web.editor import EditResult
     from engine.refine import Refiner
     from engine.segment import Segmenter
     from training.finetune import FinetuneConfig, FinetuneResult
-
-    from app.web.editor import EditResult
 
 ProgressFn = Callable[[int, int, str], None]
 CancelFn = Callable[[], bool]

@@ -42,7 +42,8 @@ def sample_for(path: str | Path) -> Sample | None:
     if entry is None:
         return None
     model = entry.get("model")
-    return Sample(path, str(model) if model else None, str(entry.get("label") or path.name), str(entry.get("about") or ""))
+    label, about = str(entry.get("label") or path.name), str(entry.get("about") or "")
+    return Sample(path, str(model) if model else None, label, about)
 
 
 def bundled_samples(folder: Path = SAMPLES_DIR) -> list[Sample]:

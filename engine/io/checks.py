@@ -111,7 +111,7 @@ def check_memory(path: Path, decoded_bytes: int, pixels: int, labels: bool) -> N
     if need <= usable:
         return
     limit = memory_guard.memory_limit()
-    hint = ("raise FINEMASK_MEMORY_LIMIT (now {}) or".format(_size(limit)) if limit is not None else
+    hint = (f"raise FINEMASK_MEMORY_LIMIT (now {_size(limit)}) or" if limit is not None else
             "close other programs to free memory, set FINEMASK_MEMORY_LIMIT only as high as the machine allows, or")
     raise memory_guard.MemoryBudgetError(
         f"reading this {pixels:,}-pixel image needs about {_size(need)} of memory but only {_size(usable)} can be "

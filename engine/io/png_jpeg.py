@@ -49,7 +49,7 @@ def read_pil(path: Path, max_pixels: int | None, labels: bool) -> np.ndarray:
         raise
     except UnidentifiedImageError:
         raise FineMaskError("not a readable image: unknown format or wrong file extension", path) from None
-    except Exception as exc:  # Pillow raises OSError/SyntaxError/ValueError for damaged files
+    except Exception as exc:  # noqa: BLE001 - Pillow raises OSError/SyntaxError/ValueError for damaged files
         raise FineMaskError(f"cannot decode image: corrupt or truncated file ({exc})", path) from None
 
 

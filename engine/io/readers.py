@@ -50,7 +50,7 @@ def image_shape(path: str | Path, *, max_pixels: int | None = None) -> tuple[int
         raise
     except UnidentifiedImageError:
         raise FineMaskError("not a readable image: unknown format or wrong file extension", path) from None
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any failure to decode is the file's problem
         raise FineMaskError(f"cannot read image header: corrupt or truncated file ({exc})", path) from None
     check_pixels(path, shape, max_pixels)
     return int(shape[0]), int(shape[1])

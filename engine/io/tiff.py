@@ -47,7 +47,7 @@ def read_tiff(path: Path, max_pixels: int | None, labels: bool = False) -> np.nd
             return arr
     except FineMaskError:
         raise
-    except Exception as exc:  # tifffile raises many types for corrupt files
+    except Exception as exc:  # noqa: BLE001 - tifffile raises many types for corrupt files
         if "imagecodecs" in str(exc):  # LZW, JPEG, ... compression: a missing codec, not a bad file
             raise FineMaskError(f"cannot read this TIFF's compression ({exc}): pip install imagecodecs", path) from None
         raise FineMaskError(f"cannot read TIFF: corrupt or truncated file ({exc})", path) from None

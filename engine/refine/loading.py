@@ -25,7 +25,7 @@ def load_module(name_or_path: str | Path) -> tuple[RefinementModule, ModelCard]:
     try:
         with torch.device("meta"):
             probe = build_refinement_module(card.config)
-    except Exception as exc:  # any failure of an untrusted config is the card's problem
+    except Exception as exc:  # noqa: BLE001 - any failure of an untrusted config is the card's problem
         raise FineMaskError(f"model card has an unusable config ({exc})", path) from None
     check_state(probe.state_dict(), state, path)
     model = build_refinement_module(card.config)

@@ -19,8 +19,8 @@ from ..memory_guard import activation_bytes_per_pixel, plan_batch
 from ..models.cascadepsp import RefinementModule, RefinerConfig, fuse_for_inference, normalise_image
 from ..tiling import STRIP_ROWS, Tile, TileAccumulator, area_resize, max_overlap, tile_grid
 from .classes import plan_classes
-from .labels import refine_label_map
 from .inputs import check_image, global_size, mask_binariser, pad8, unit_rgb
+from .labels import refine_label_map
 from .loading import ARCHITECTURE, load_module, load_official
 from .results import GlobalResult, RefineStats, coarse_as_global, keep_unseen
 from .selection import SELECTIONS, TILE_MARGIN, select_tiles

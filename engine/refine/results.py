@@ -9,6 +9,7 @@ import torch
 
 from ..tiling import STRIP_ROWS, Tile, bilinear_region
 
+
 @dataclass
 class RefineStats:
     """What the last ``refine`` call did (for benchmarks and logs). Times in seconds."""

@@ -18,7 +18,8 @@ def _pairs(folder, n=5):
     for i in range(n):
         labels = np.zeros((40, 56), np.uint8)
         labels[5 + i : 25, 10 : 40 - i] = 1
-        image = np.where(labels[..., None] == 1, 220, 40).astype(np.uint8) + rng.integers(0, 20, (40, 56, 3), dtype=np.uint8)
+        noise = rng.integers(0, 20, (40, 56, 3), dtype=np.uint8)
+        image = np.where(labels[..., None] == 1, 220, 40).astype(np.uint8) + noise
         images.append(write_image(folder / f"im{i}.png", image))
         write_labels(folder / "labels" / f"im{i}.png", labels)
     return images
@@ -29,7 +30,8 @@ def test_store_add_info_classes_and_finetune(tmp_path, capsys):
     store_dir = tmp_path / "store"
     stray = tmp_path / "data" / "nolabels.png"
     write_image(stray, np.zeros((8, 8, 3), np.uint8))
-    code = main(["store", "add", str(store_dir), *map(str, images), str(stray), "--labels", str(tmp_path / "data" / "labels")])
+    code = main(["store", "add", str(store_dir), *map(str, images), str(stray),
+                 "--labels", str(tmp_path / "data" / "labels")])
     out = capsys.readouterr().out
     assert code == 1 and out.count("added ") == 5 and "nolabels" in out  # one clear skip, the rest added
     assert main(["store", "classes", str(store_dir), "ground", "thing"]) == 0

@@ -25,8 +25,8 @@ from app.cli import main
 from engine import installed
 from engine.checkpoints import ASSETS_MODELS, available_models, resolve
 from engine.errors import Cancelled, FineMaskError
-from engine.models.encoders import ResNetEncoder
 from engine.models.cascadepsp import RefinementModule, RefinerConfig
+from engine.models.encoders import ResNetEncoder
 from engine.refine import Refiner
 
 RESNET18_FILE = installed.REGISTRY["resnet18-imagenet"].filename
@@ -84,7 +84,7 @@ def files(tmp_path_factory) -> dict[str, bytes]:
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
-    server: "_Server"
+    server: _Server
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's name
         name = self.path.lstrip("/")

@@ -73,7 +73,8 @@ def _bad_files(tmp_path):
     data = good.read_bytes()
     (tmp_path / "truncated.png").write_bytes(data[: len(data) // 2])
     tifffile.imwrite(tmp_path / "int32.tif", np.zeros((4, 4), np.int32))
-    tifffile.imwrite(tmp_path / "five.tif", np.zeros((6, 6, 5), np.uint8), photometric="minisblack", planarconfig="contig")
+    tifffile.imwrite(tmp_path / "five.tif", np.zeros((6, 6, 5), np.uint8), photometric="minisblack",
+                     planarconfig="contig")
     tifffile.imwrite(tmp_path / "nan.tif", np.full((4, 4), np.nan, np.float32))
     (tmp_path / "notes.bmp").write_bytes(b"BM....")
     return {

@@ -19,10 +19,10 @@ from engine.checkpoints import ModelCard, save_checkpoint
 from engine.errors import FineMaskError
 from engine.models.cascadepsp import RefinementModule, RefinerConfig, normalise_image
 from engine.refine import (
-    arbitrate_classes,
     GlobalResult,
     RefinementCancelled,
     Refiner,
+    arbitrate_classes,
     coarse_as_global,
     select_tiles,
 )
@@ -146,8 +146,10 @@ def test_tile_selection_rules_match_a_brute_force_count():
     # every boundary pixel is within 8 px (one cover cell) of a chosen tile's core
     grown = reach.copy()
     for _ in range(8):
-        grown[1:] |= grown[:-1].copy(); grown[:-1] |= grown[1:].copy()
-        grown[:, 1:] |= grown[:, :-1].copy(); grown[:, :-1] |= grown[:, 1:].copy()
+        grown[1:] |= grown[:-1].copy()
+        grown[:-1] |= grown[1:].copy()
+        grown[:, 1:] |= grown[:, :-1].copy()
+        grown[:, :-1] |= grown[:, 1:].copy()
     assert grown[edge].all()
 
 

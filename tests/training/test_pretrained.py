@@ -18,8 +18,8 @@ from torch.utils.data import Dataset
 
 from engine.errors import FineMaskError
 from engine.models import SegmenterConfig, create_model
-from engine.models.encoders import ResNetEncoder
 from engine.models.cascadepsp import RefinementModule, RefinerConfig
+from engine.models.encoders import ResNetEncoder
 from training.pretrained import apply_pretrained_encoder, init_from_pretrained, load_torchvision_resnet
 from training.tiny import TINY_SEGMENTER
 

@@ -36,7 +36,8 @@ def test_filters_match_pillow_on_8bit_images(h, w):
     both = np.asarray(Image.fromarray(base).filter(ImageFilter.EDGE_ENHANCE_MORE).filter(ImageFilter.DETAIL))
     ours_single = pillow_kernel_filter(to_tensor(base), *EDGE_ENHANCE_MORE)
     ours_both = enhance_residual(to_tensor(base))
-    to_u8 = lambda t: (t[0].permute(1, 2, 0) * 255).numpy()
+    def to_u8(t):
+        return (t[0].permute(1, 2, 0) * 255).numpy()
     assert np.abs(to_u8(ours_single) - single).max() <= 0.5 + 1e-9  # Pillow rounds once
     assert np.abs(to_u8(ours_both) - both).max() <= 2.0  # rounding of the intermediate image
     assert (to_u8(ours_both)[0] == base[0]).all() and (to_u8(ours_both)[:, -1] == base[:, -1]).all()
