@@ -131,14 +131,13 @@ def cached_items(name: str, limit: int | None, cache: Path):
     """``_items`` with every input saved once under ``cache`` (segmentation is not re-run)."""
     folder = cache / name
     index = folder / "index.json"
-    if index.is_file():
-        names = json.loads(index.read_text())[:limit]
-        for stem in names:
+    names = json.loads(index.read_text()) if index.is_file() else []
+    if names and (limit is None or len(names) >= limit):
+        for stem in names[:limit]:
             with np.load(folder / f"{stem}.npz") as z:
                 probs = z["probs"] if "probs" in z.files else None
                 yield stem, z["image"], z["coarse"], probs, z["gt"], (None if int(z["void"]) < 0 else int(z["void"]))
-        if limit is None or len(names) >= limit:
-            return
+        return
     folder.mkdir(parents=True, exist_ok=True)
     names = []
     for stem, image, coarse, probs, gt, void in _items(name, limit):
@@ -242,7 +241,7 @@ def main() -> None:
           "dIoU / dmBA | changed % | s / image | peak RSS GB | holds |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        rows = r["rows"]
+        rows = list({x["image"]: x for x in r["rows"]}.values())
         mean = {k: float(np.nanmean([x[k] for x in rows])) for k in rows[0] if k != "image"}
         d_iou = min(x["iou_after"] - x["iou_before"] for x in rows)
         d_mba = min((x["mba_after"] - x["mba_before"] for x in rows if not np.isnan(x["mba_before"])), default=0.0)
