@@ -88,8 +88,9 @@ def upload(page: Any, path: Path) -> None:
     page.set_input_files("#image-file input[type=file]", str(path))
 
 
-def paint_stroke(page: Any, length: float = 0.3) -> None:
-    """One stroke of the default brush (the first class) from the editor's centre.
+def paint_stroke(page: Any, length: float = 0.3, steps: int = 12) -> None:
+    """One stroke of the current brush (at first the first swatch) from the editor's centre, in
+    ``steps`` mouse moves.
 
     The editor centres the image in its canvas, so a stroke from the centre spanning ``length``
     of the canvas's shorter side stays on the image (a stroke starting outside it is ignored).
@@ -102,8 +103,8 @@ def paint_stroke(page: Any, length: float = 0.3) -> None:
     x0, y0 = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
     page.mouse.move(x0, y0)
     page.mouse.down()
-    for i in range(1, 13):
-        page.mouse.move(x0 + span * i / 12, y0 + span * i / 36)
+    for i in range(1, steps + 1):
+        page.mouse.move(x0 + span * i / steps, y0 + span * i / (3 * steps))
     page.mouse.up()
 
 

@@ -114,6 +114,10 @@ def build_page(bench: Workbench, examples: list[Path], cancel_flags: Any, budget
                 rows, labels = example_rows(bench, examples)
                 gr.Examples(examples=rows, inputs=[image_file, model_dd], example_labels=labels,
                             label="Examples (each picks the model it is for)", elem_id="examples")
+                about = [f"*{sample.path.name}*: {sample.about}" for sample in map(sample_for, examples)
+                         if sample is not None and sample.about]
+                if about:
+                    gr.Markdown("\n".join(f"- {line}" for line in about), elem_id="examples-about")
             size = gr.Slider(*WORKING_SIZE_RANGE, step=16, value=bench.model_working_size(bench.default_model),
                              label="Working size (longer side, px)", elem_id="working-size")
             segment_btn = gr.Button("Segment", variant="primary", elem_id="segment-btn")
