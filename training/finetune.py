@@ -3,7 +3,8 @@
 ``finetune(store, "camvid")`` trains a copy of the base model on the store's train pairs with the
 model's own loss (DSRL: CE + 0.1 MSE + 1.0 FA with its SISR branch; refiner: the cascade loss
 on 224x224 crops of the corrected masks with perturbed coarse inputs), evaluates base and new
-model on the store's validation pairs, and writes the new version atomically to
+model on the store's validation pairs (with none, on a strip of each training pair held back from
+training: ``training.holdout``), and writes the new version atomically to
 ``<store>/models/<name>/`` (weights, card, and the run's ``log.csv`` and ``loss.png``). The
 base is only read.
 
@@ -45,6 +46,7 @@ from engine.versions import MODELS_DIR, list_versions, models_dir  # noqa: F401 
 from training.augment import resize_labels
 from training.data.store_dataset import StoreDataset
 from training.finetune_checks import check_class_count, check_memory, require_labelled_pixels
+from training.holdout import HELD_OUT, PairPart
 from training.loop import EpochKeyed, LoopConfig, train_loop
 
 ProgressFn = Callable[[int, int, str], None]
@@ -82,8 +84,9 @@ class FinetuneConfig:
 
 @dataclass
 class FinetuneResult:
-    """Where a run ended. ``before``/``after``: scores on the store's validation pairs
-    (``miou``, ``mba`` in percent, ``pairs``, ``per_class_iou``); ``after`` is empty and
+    """Where a run ended. ``before``/``after``: scores on the store's validation pairs, or with
+    none on a held-back strip of each training pair (``validation``: ``training.holdout.HELD_OUT``)
+    (``miou``, ``mba``, ``pixel_accuracy`` in percent, ``pairs``, ``per_class_iou``); ``after`` is empty and
     ``model_path`` None when the run was cancelled (its state is kept for a resume)."""
 
     model_path: Path | None
@@ -125,7 +128,10 @@ def finetune(
     job_type = {"segmentation": SegmentationJob, "refinement": RefinementJob}.get(card.task)
     if job_type is None:
         raise FineMaskError(f"cannot fine-tune a {card.task!r} model", base_path)
-    job = job_type(state, card, store, cfg)
+    held_out = not val_pairs  # no validation pairs: score on a held-back strip of each training pair
+    job = job_type(state, card, PairPart(store, "train") if held_out else store, cfg)
+    if held_out:
+        job.store, val_pairs = PairPart(store, "held"), train_pairs  # what the jobs evaluate on
     check_memory(job, cfg.batch_size)  # before any forward pass: refuse with the figures
 
     started = time.perf_counter()
@@ -133,6 +139,8 @@ def finetune(
     distributed = dist.is_available() and dist.is_initialized()
     main = not distributed or dist.get_rank() == 0  # under torchrun rank 0 evaluates and exports
     before = job.evaluate_base(base_path, val_pairs, _phase(report, "evaluating the base model")) if main else {}
+    if held_out and main:
+        before["validation"] = HELD_OUT
 
     if cfg.batch_size < 2:
         raise FineMaskError(f"the batch must hold at least 2 crops (BatchNorm), got {cfg.batch_size}")
@@ -169,12 +177,16 @@ def finetune(
             return FinetuneResult(None, None, result.step, not cancelled and result.step >= cfg.steps, before,
                                   {}, result.history, run_dir, time.perf_counter() - started)
         after = job.evaluate_trained(val_pairs, _phase(report, "evaluating the new model"))
-        if val_pairs and after.get("miou") is None:  # never write a version scored on no labels
+        if held_out:
+            after["validation"] = HELD_OUT
+        elif after.get("miou") is None:  # never write a version scored on no labels
             raise FineMaskError("the validation pairs hold no labelled pixels; no version was written", store.root)
         name = cfg.name or next_version_name(store, card.name or base_path.name)
         seconds = time.perf_counter() - started
         training = {
-            "data": f"annotation store {store.root} ({len(train_pairs)} train / {len(val_pairs)} validation pairs)",
+            "data": f"annotation store {store.root} ({len(train_pairs)} train / "
+                    + (f"no validation pairs: scored on the {HELD_OUT} of each training pair, never trained on)"
+                       if held_out else f"{len(val_pairs)} validation pairs)"),
             "store": str(store.root), "store_hash": store.content_hash(), "base": str(base_path),
             "steps": result.step, "seconds": round(seconds, 1), "config": asdict(cfg),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -377,9 +389,9 @@ def extend_classes(state: dict[str, torch.Tensor], config, num_classes: int):
 
 def segmentation_scores(pairs: list[tuple[np.ndarray, np.ndarray]], classes: list[str],
                         ignore: int | None) -> dict[str, Any]:
-    """mIoU (over classes seen in prediction or truth) and mean multi-class mBA, in percent."""
+    """mIoU (over classes seen in prediction or truth), mean multi-class mBA and pixel accuracy, in percent."""
     if not pairs:
-        return {"miou": None, "mba": None, "pairs": 0, "per_class_iou": {}}
+        return {"miou": None, "mba": None, "pixel_accuracy": None, "pairs": 0, "per_class_iou": {}}
     n = len(classes)
     cm = np.zeros((n + 1, n + 1), np.int64)
     bas = []
@@ -390,9 +402,11 @@ def segmentation_scores(pairs: list[tuple[np.ndarray, np.ndarray]], classes: lis
             bas.append(ba)
     per_class = miou(cm)[1][:n]
     seen = ~np.isnan(per_class)
+    labelled = int(cm[:n].sum())
     return {
         "miou": round(100 * float(per_class[seen].mean()), 2) if seen.any() else None,
         "mba": round(100 * float(np.mean(bas)), 2) if bas else None,
+        "pixel_accuracy": round(100 * float(np.trace(cm[:n, :n])) / labelled, 2) if labelled else None,
         "pairs": len(pairs),
         "per_class_iou": {c: round(100 * float(v), 2) for c, v in zip(classes, per_class) if not np.isnan(v)},
     }

@@ -155,7 +155,11 @@ def legend_html(classes: list[str], palette: list[list[int]], labels: np.ndarray
 
 def metrics_markdown(before: dict | None, after: dict | None, name: str | None) -> str:
     """A Markdown table of validation scores before and after fine-tuning; a score that is
-    missing or not a number (a card written when no validation pixel was labelled) shows "n/a"."""
+    missing or not a number (a card written when no validation pixel was labelled) shows "n/a".
+    Scores on the strip held back from each training pair (a store without validation pairs) say
+    so, and a version that scores below its parent is flagged."""
+    from app.workbench.metrics import BELOW_PARENT, scored_lower
+
     before = before if isinstance(before, dict) else {}
     after = after if isinstance(after, dict) else {}
     if not before and not after:
@@ -165,9 +169,19 @@ def metrics_markdown(before: dict | None, after: dict | None, name: str | None) 
     if not pairs:
         lines.append("No validation pairs in the store yet, so no before/after scores.")
         return "\n".join(lines)
-    lines += [f"Validation pairs: {pairs}", "", "| metric | before | after |", "|---|---|---|"]
-    for key, label in (("miou", "mIoU (%)"), ("mba", "mBA (%)")):
+    held = (after or before).get("validation")
+    if held:
+        lines += [f"No validation pairs in the store: scored on the {html.escape(str(held))} of each of {pairs} "
+                  "training pairs (never trained on).", ""]
+    else:
+        lines += [f"Validation pairs: {pairs}", ""]
+    if after and scored_lower(before, after):
+        lines += [f"**{BELOW_PARENT}**: this version scores lower than the model it was fine-tuned from.", ""]
+    lines += ["| metric | before | after |", "|---|---|---|"]
+    for key, label in (("miou", "mIoU (%)"), ("mba", "mBA (%)"), ("pixel_accuracy", "pixel accuracy (%)")):
         b, a = before.get(key), after.get(key)
+        if key == "pixel_accuracy" and b is None and a is None:
+            continue  # cards written before pixel accuracy was recorded
         lines.append(f"| {label} | {_num(b)} | {_num(a)} |")
     per_before, per_after = before.get("per_class_iou") or {}, after.get("per_class_iou") or {}
     per_before, per_after = (p if isinstance(p, dict) else {} for p in (per_before, per_after))

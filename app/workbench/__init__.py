@@ -44,9 +44,18 @@ from .jobs import (
     segment,
     undo_last_save,
 )
-from .metrics import evaluation_line, metrics_details, metrics_summary, percent_card, percent_metrics
+from .metrics import (
+    BELOW_PARENT,
+    below_parent,
+    evaluation_line,
+    metrics_details,
+    metrics_summary,
+    percent_card,
+    percent_metrics,
+)
 
 __all__ = [
+    "BELOW_PARENT", "below_parent",
     "DEFAULT_REFINER", "DEFAULT_SEGMENTER", "KEEP_PROBS_BYTES", "MIN_SIDE", "UNLABELLED", "WORKING_SIZE_RANGE",
     "CancelFn", "FinetuneCancelled", "ModelCache", "ModelCatalog", "ModelEntry", "OpenedImage", "ProgressFn",
     "Refinement", "SaveOutcome", "Segmentation", "UndoOutcome", "apply_edit", "check_store_classes",

@@ -23,6 +23,8 @@ RATE_KEYS = ("miou", "mba", "iou", "accuracy")
 SCALE_KEY, PERCENT = "scale", "percent"
 #: Entries fine-tuning writes, in percent by its contract (``training.finetune.FinetuneResult``).
 FINETUNE_KEYS = ("before", "after")
+#: The mark of a fine-tuned version that scores below the model it was fine-tuned from.
+BELOW_PARENT = "⚠ below its parent"
 
 
 def is_rate(key: str) -> bool:
@@ -70,15 +72,36 @@ def _shown(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.1f}"
 
 
+def below_parent(card: ModelCard | None) -> bool:
+    """Whether a fine-tuned version scores below its parent on the same validation data: its
+    mIoU after fine-tuning (or, with no mIoU, its pixel accuracy) is lower than before."""
+    if card is None:
+        return False
+    metrics = percent_metrics(card.metrics)
+    before, after = metrics.get("before"), metrics.get("after")
+    return isinstance(before, Mapping) and isinstance(after, Mapping) and scored_lower(before, after)
+
+
+def scored_lower(before: Mapping[str, Any], after: Mapping[str, Any]) -> bool:
+    """Whether ``after`` scores below ``before`` (mIoU, or pixel accuracy where there is no mIoU)."""
+    for key in ("miou", "pixel_accuracy"):
+        b, a = _pct(before.get(key)), _pct(after.get(key))
+        if b is not None and a is not None:
+            return a < b
+    return False
+
+
 def metrics_summary(card: ModelCard) -> str:
-    """One short line: "mIoU 57.8" for an evaluated card, "mIoU 20.0 → 25.5" for a fine-tuned one."""
+    """One short line: "mIoU 57.8" for an evaluated card, "mIoU 20.0 → 25.5" for a fine-tuned one,
+    "mIoU 40.0 → 31.2 · ⚠ below its parent" for one that got worse."""
     metrics = percent_metrics(card.metrics)
     before, after = metrics.get("before"), metrics.get("after")
     if isinstance(before, Mapping) and isinstance(after, Mapping):
         b, a = _pct(before.get("miou")), _pct(after.get("miou"))
         if b is None and a is None and not (after.get("pairs") or before.get("pairs")):
             return ""  # no validation pairs: nothing was scored
-        return f"mIoU {_shown(b)} → {_shown(a)}"  # a score missing from the card shows as n/a
+        flag = f" · {BELOW_PARENT}" if below_parent(card) else ""
+        return f"mIoU {_shown(b)} → {_shown(a)}{flag}"  # a score missing from the card shows as n/a
     for value in metrics.values():
         if isinstance(value, Mapping) and _pct(value.get("miou")) is not None:
             return f"mIoU {value['miou']:.1f}"
@@ -86,16 +109,21 @@ def metrics_summary(card: ModelCard) -> str:
 
 
 def evaluation_line(before: Mapping[str, Any], after: Mapping[str, Any]) -> str:
-    """Before/after scores of a fine-tuning run (percent), e.g. "mIoU 40.0 → 45.2 on 3 validation pairs"."""
+    """Before/after scores of a fine-tuning run (percent), e.g. "mIoU 40.0 → 45.2 on 3 validation
+    pairs", or "... on the held-back strip of 2 training pairs" for a store without validation pairs."""
     pairs = int(after.get("pairs", before.get("pairs", 0)) or 0)
     if pairs == 0:
         return "no validation pairs yet: the store puts about 1 pair in 5 aside for validation"
     parts = []
-    for key, label in (("miou", "mIoU"), ("mba", "mBA")):
+    for key, label in (("miou", "mIoU"), ("mba", "mBA"), ("pixel_accuracy", "pixel acc.")):
         b, a = _pct(before.get(key)), _pct(after.get(key))
         if b is not None and a is not None:
             parts.append(f"{label} {b:.1f} → {a:.1f}")
-    return ", ".join(parts) + f" on {pairs} validation pair{'s' if pairs != 1 else ''}"
+    plural = "s" if pairs != 1 else ""
+    held = after.get("validation") or before.get("validation")
+    where = f"the {held} of {pairs} training pair{plural}" if held else f"{pairs} validation pair{plural}"
+    flag = f" ({BELOW_PARENT})" if scored_lower(before, after) else ""
+    return (", ".join(parts) or "no scores") + f" on {where}{flag}"
 
 
 def metrics_details(card: ModelCard | None) -> str:
@@ -120,4 +148,5 @@ def metrics_details(card: ModelCard | None) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["evaluation_line", "is_rate", "metrics_details", "metrics_summary", "percent_card", "percent_metrics"]
+__all__ = ["BELOW_PARENT", "below_parent", "evaluation_line", "is_rate", "metrics_details", "metrics_summary",
+           "percent_card", "percent_metrics", "scored_lower"]

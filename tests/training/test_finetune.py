@@ -207,13 +207,16 @@ def test_bad_requests_are_clear(tmp_path):
         finetune(empty, base, FinetuneConfig(steps=0))
 
 
-def test_a_single_pair_store_fine_tunes_without_validation(tmp_path):
+def test_a_single_pair_store_fine_tunes_and_scores_on_a_held_back_strip(tmp_path):
     base = make_tiny_segmenter(tmp_path / "base", num_classes=2, input_size=(48, 36))
     store = Store.open(tmp_path / "one")
     store.add(*scene(0), origin="corrected")
     res = finetune(store, base, FinetuneConfig(steps=3, **FAST))  # a batch of 4 crops from the one pair
-    assert res.finished and res.before["pairs"] == 0 and res.after["miou"] is None
-    assert read_card(res.model_path).metrics["after"]["pairs"] == 0
+    # no validation pairs: both models are scored on the strip held back from the training pair
+    assert res.finished and res.before["pairs"] == res.after["pairs"] == 1
+    assert res.before["validation"] == res.after["validation"] == "held-back strip"
+    assert res.before["miou"] is not None and res.after["miou"] is not None
+    assert read_card(res.model_path).metrics["after"]["miou"] == res.after["miou"]
     with pytest.raises(FineMaskError, match="at least 2"):
         finetune(store, base, FinetuneConfig(steps=3, batch_size=1))
 
