@@ -76,8 +76,7 @@ def coarse_as_global(mask: np.ndarray, binarise: Callable[[np.ndarray], np.ndarr
 
 #: Coverage bounds of the boundary zone the fast mode leaves as it is (``keep_unseen``).
 EDGE_ZONE = 1e-3
-#: The fast mode acts on decisive verdicts only: it adds a region above this confidence and
-#: removes one below 1 minus it.
+#: The fast mode removes a region only on a decisive verdict: confidence below 1 minus this.
 DECISIVE = 0.9
 
 
@@ -98,17 +97,15 @@ def keep_unseen(conf: np.ndarray, mask: np.ndarray, glob: GlobalResult,
     is kept too - the global step cannot place a boundary more finely than its own pixel, so it
     only corrects whole regions (a false blob, a missing part), never the fine boundary of a mask
     already right at its scale (docs/RESULTS.md: gt/8 masks at 4K lost 4-5 IoU points without this);
-    it lets go only of structures filling at least 3 x 3 reduced pixels, and claims only pixels
-    3 x 3 reduced pixels clear of the mask, and only on decisive verdicts (confidence above
-    ``DECISIVE`` to add, below 1 minus it to remove): whole regions are added or removed, when the
-    global step is sure, and boundaries stay.
+    it only removes, and only regions filling at least 3 x 3 reduced pixels on a decisive verdict
+    (confidence below 1 - ``DECISIVE``); it adds nothing (regions the light model "found" on the
+    alpha-matting composites were all wrong: bench/refine_quality.py). Boundaries stay.
     """
     if glob.seen is None:
         return conf
-    seen = near = glob.seen
-    if fast:  # whole regions only: let go of what fills 3 x 3 reduced pixels, claim only 3 x 3 clear of it
+    seen = glob.seen
+    if fast:  # whole regions only: let go of what fills 3 x 3 reduced pixels
         seen = -torch.nn.functional.max_pool2d(-glob.seen[None, None], 3, stride=1, padding=1)[0, 0]
-        near = torch.nn.functional.max_pool2d(glob.seen[None, None], 3, stride=1, padding=1)[0, 0]
     H, W = glob.full_shape
     for r0 in range(0, H, STRIP_ROWS):
         r1 = min(H, r0 + STRIP_ROWS)
@@ -119,7 +116,7 @@ def keep_unseen(conf: np.ndarray, mask: np.ndarray, glob: GlobalResult,
             zone = (cover > EDGE_ZONE) & (cover < 1 - EDGE_ZONE)
             np.copyto(strip, fg.astype(np.float32), where=zone)
         if fast:
-            strip[~fg & ((strip < DECISIVE) | (bilinear_region(near, (H, W), (r0, r1), (0, W)).numpy() > 0))] = 0.0
+            strip[~fg] = 0.0  # refinement, not detection: nothing is added (regions found anew were wrong)
             strip[fg & (strip > 1 - DECISIVE)] = 1.0
             cover = bilinear_region(seen, (H, W), (r0, r1), (0, W)).numpy()
         strip[fg & (cover <= 0.5)] = 1.0
