@@ -1,8 +1,9 @@
-"""Drive the web page in headless Chromium with Playwright: the browser test and README screenshots.
+"""Drive the web page in headless Chromium with Playwright: the browser tests and README screenshots.
 
-``python -m app.web.browser docs/images`` starts the app with the default models on a free
-loopback port, walks through upload -> Segment -> (Refine) -> one brush stroke -> Save, and writes
-``web_result.png`` and ``web_correct.png`` there. It uses Debian's Chromium
+``python -m app.web.browser docs/images`` starts the app with the shipped models on a free
+loopback port, picks the first bundled example (which also picks the model it is for), segments
+it, paints one stroke, and writes ``web_result.png`` and ``web_correct.png`` there (the browser
+test ``tests/web/test_web_screenshots.py`` does the same). It uses Debian's Chromium
 (``/usr/bin/chromium``); Playwright's own browser download is never needed.
 """
 from __future__ import annotations
@@ -166,30 +167,58 @@ def walkthrough(page: Any, url: str, image: Path, *, refine: bool = False, shots
     return times
 
 
+def readme_screenshots(page: Any, url: str, out: Path, *, timeout_s: float = 600.0) -> dict[str, str]:
+    """The README's screenshots of a page at ``url``: pick the first example, Segment, write
+    ``web_result.png``; paint one stroke in the Correct tab, write ``web_correct.png``. Both are
+    written to a temporary name first and renamed into ``out``. Returns what the page showed
+    (model, status, legend) for the caller to check."""
+    import os
+
+    page.goto(url)
+    page.wait_for_selector("#segment-btn", timeout=timeout_s * 1000)
+    page.locator("#examples button").first.click()
+    wait_status(page, "Image loaded", timeout_s)
+    page.click("#segment-btn")
+    wait_status(page, "Segmented.", timeout_s)
+    wait_idle(page, timeout_s)
+    close_toasts(page)
+    shown = {"model": page.input_value("#model input"), "refiner": page.input_value("#refiner input"),
+             "status": page.inner_text("#status"), "legend": page.inner_text("#legend"),
+             "page": page.inner_text("body")}
+    out.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(out / ".web_result.png"), full_page=True)
+    page.get_by_role("tab", name="Correct").click()
+    page.wait_for_selector("#editor canvas", timeout=timeout_s * 1000)
+    page.wait_for_timeout(1500)  # the editor draws its background after the canvas appears
+    paint_stroke(page, length=0.2, steps=4)
+    page.mouse.move(0, 0)
+    close_toasts(page)
+    page.screenshot(path=str(out / ".web_correct.png"), full_page=True)
+    for name in ("web_result.png", "web_correct.png"):
+        os.replace(out / f".{name}", out / name)
+    return shown
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m app.web.browser", description=__doc__.splitlines()[0])
     p.add_argument("out", type=Path, help="folder for the screenshots (e.g. docs/images)")
-    p.add_argument("--image", type=Path, default=None, help="image to use (default: the first bundled example)")
     p.add_argument("--store", type=Path, default=None, help="annotation store (default: a temporary folder)")
     args = p.parse_args(argv)
 
     from .server import build_app, launch
-    from .session import WebConfig, bundled_examples
+    from .session import WebConfig
 
-    image = args.image or bundled_examples()[0]
-    args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         cfg = WebConfig(port=free_port(), store=args.store or Path(tmp) / "store")
         demo = build_app(cfg)
         url = launch(demo, block=False)
         try:
             with chromium_page() as page:
-                times = walkthrough(page, url, image, refine=demo.finemask.default_refiner is not None,
-                                    shots=args.out, timeout_s=600)
+                shown = readme_screenshots(page, url, args.out)
         finally:
             demo.close()
             demo.finemask.close()
-    print(f"screenshots in {args.out}: web_result.png, web_correct.png; seconds per step: {times}")
+    print(f"screenshots in {args.out}: web_result.png, web_correct.png ({shown['model']})")
     return 0
 
 

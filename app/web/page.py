@@ -151,7 +151,7 @@ def build_page(bench: Workbench, examples: list[Path], cancel_flags: Any, budget
                                             transforms=(), brush=_brush(bench, None), eraser=gr.Eraser(),
                                             layers=gr.LayerOptions(allow_additional_layers=False,
                                                                    layers=["corrections"]),
-                                            canvas_size=(side, side), height=min(side, 900) + 80,
+                                            canvas_size=(side, side), height=min(side, 640) + 80,
                                             format="jpeg", elem_id="editor", interactive=True)
                     editor_legend = gr.HTML(elem_id="editor-legend")
                     with gr.Row():
