@@ -254,11 +254,11 @@ def build_page(bench: Workbench, examples: list[Path], cancel_flags: Any, budget
 
     # ---------------------------------------------------------------- handlers
 
-    def on_upload(path: str | None, work: Work | None) -> dict:
+    def on_upload(path: str | None, work: Work | None, progress: gr.Progress = gr.Progress()) -> dict:
         if not path:
             return {status: gr.skip()}  # cleared (or the rejected file taken away): what was loaded stays
         try:
-            new = bench.open_image(path)
+            new = bench.open_image(path, on_progress=reporter(progress))
         except FineMaskError as exc:
             gr.Warning(str(exc))
             keep = f"; still working on **{work.name}**" if work is not None else ""
@@ -268,7 +268,7 @@ def build_page(bench: Workbench, examples: list[Path], cancel_flags: Any, budget
             release_freed_memory()
         for note in new.notes:
             gr.Warning(f"{new.name}: {note}")
-        return views(new, "Image loaded: choose a model and press Segment.")
+        return views(new, "Image loaded: choose a model and press Segment.", progress)
 
     @page_job
     def on_segment(work: Work | None, model_key: str, working_size: float, request: gr.Request,

@@ -338,6 +338,8 @@ class Workbench:
                 on_progress: ProgressFn | None = None, cancel: CancelFn | None = None) -> Work:
         """Segment ``work.image`` with a segmentation model; replaces the labels (Undo goes back)."""
         entry = self.catalog.entry(model or self.default_model, "segmentation")
+        if on_progress is not None:
+            on_progress(0, 1, f"loading the model {entry.key}")
         seg = workbench.segment(self.catalog.load(entry), work.image, working_size, on_progress=on_progress,
                                 cancel=cancel)
         work.remember("segment")
