@@ -57,7 +57,7 @@ CancelFn = Callable[[], bool]
 #: Labels changes (refine, correction, back to the segmentation, undo of a save) one image can
 #: take back with Undo, and the memory their kept label maps may take.
 HISTORY_STEPS = 10
-HISTORY_BYTES = 1 << 30
+HISTORY_BYTES = 512 << 20
 #: What the uncertainty map shows after a segmentation and after a refinement.
 SEGMENTER_UNCERTAINTY = "Segmenter's uncertainty: 1 − top class probability (yellow = unsure)"
 REFINER_UNCERTAINTY = "Refiner's uncertainty: 1 − the refiner's confidence in the result (yellow = unsure)"
@@ -326,7 +326,7 @@ class Workbench:
         (None when ``exc`` is about something else)."""
         try:
             H, W = image_shape(path, max_pixels=1 << 62)
-        except FineMaskError:
+        except Exception:  # noqa: BLE001 - any other problem: the original refusal stands
             return None
         if H * W <= limit:
             return None

@@ -137,7 +137,7 @@ def test_refine_back_undo_uncertainty_label_store_count_and_a_rejected_upload(si
     train, val = len(bench.store.pairs("train")), len(bench.store.pairs("validation"))
     page.reload()
     page.wait_for_selector("#segment-btn")
-    assert f"{train} training and {val} validation pairs" in page.inner_text("#status")
+    wait_status(page, f"{train} training and {val} validation pairs", 30)  # filled by the page's load event
 
     # the refinement mode starts on the engine's default; each mode shows its own description
     radio = page.locator("#mode")
