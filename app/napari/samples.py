@@ -39,7 +39,8 @@ def load_sample(filename: str, name: str) -> list[tuple[np.ndarray, dict[str, An
 
 
 def outdoor_scene() -> list[tuple[np.ndarray, dict[str, Any], str]]:
-    """Outdoor photo (mountains, forest, sky), public domain: for the shipped camvid model."""
+    """Outdoor photo (mountains, forest, sky), public domain. Not a street scene: the shipped camvid
+    model (street scenes) labels much of it Building."""
     return load_sample("mountains.jpg", "outdoor")
 
 

@@ -3,6 +3,6 @@ from engine.memory import limit_malloc_arenas
 
 limit_malloc_arenas()  # before the import below: gradio starts threads as it loads
 
-from .server import main
+from .server import main  # noqa: E402 - after the arena cap, on purpose
 
 raise SystemExit(main())

@@ -69,7 +69,7 @@ def close_toasts(page: Any) -> None:
     for button in page.locator(".toast-close").all():
         try:
             button.click(timeout=1000)
-        except Exception:  # a toast that closed by itself meanwhile
+        except Exception:  # noqa: BLE001 - a toast that closed by itself meanwhile
             continue
 
 

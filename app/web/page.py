@@ -53,7 +53,8 @@ SWATCH_NAMES_JS = """
   const norm = c => (c || "").replace(/\\s+/g, "");
   const name = () => {
     const names = {};
-    document.querySelectorAll("#editor-legend [data-brush]").forEach(e => { names[norm(e.dataset.brush)] = e.dataset.name; });
+    document.querySelectorAll("#editor-legend [data-brush]")
+        .forEach(e => { names[norm(e.dataset.brush)] = e.dataset.name; });
     document.querySelectorAll("#editor menu.swatch button").forEach(b => {
       const n = names[norm(b.style.backgroundColor)];
       if (n && b.title !== n) { b.title = n; b.setAttribute("aria-label", n); }

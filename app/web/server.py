@@ -346,10 +346,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 "correct and fine-tune on this machine.")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
-    p.add_argument("--share", action="store_true", help="also open a temporary public gradio.live link (needs internet)")
+    p.add_argument("--share", action="store_true",
+                   help="also open a temporary public gradio.live link (needs internet)")
     p.add_argument("--auth", metavar="USER:PASSWORD", default=os.environ.get("FINEMASK_WEB_AUTH"),
                    help="require this login (or set $FINEMASK_WEB_AUTH, which other users cannot see in ps)")
-    p.add_argument("--store", type=Path, default=None, help="annotation store folder (default: in the user data folder)")
+    p.add_argument("--store", type=Path, default=None,
+                   help="annotation store folder (default: in the user data folder)")
     p.add_argument("--model", default="camvid", help="default segmentation model: shipped name or folder (camvid)")
     p.add_argument("--refiner", default=default_refiner(), help="default refiner (cascadepsp if installed)")
     p.add_argument("--max-pixels", type=int, default=None,
@@ -366,7 +368,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-finetune-steps", type=int, default=RequestLimits.max_finetune_steps,
                    help=f"most steps one fine-tuning request may ask for ({RequestLimits.max_finetune_steps})")
     p.add_argument("--max-finetune-minutes", type=float, default=RequestLimits.max_finetune_minutes,
-                   help=f"longest one fine-tuning request may run, in minutes ({RequestLimits.max_finetune_minutes:g}); "
+                   help="longest one fine-tuning request may run, in minutes "
+                        f"({RequestLimits.max_finetune_minutes:g}); "
                         "also the budget of a request that gives none")
     p.add_argument("--editor-size", type=int, default=1280,
                    help="longest side of the image in the correction editor; larger images are edited on a preview")

@@ -95,7 +95,8 @@ class WebConfig:
     ``model``/``refiner``: default segmentation and refinement model (shipped or installed name,
     or folder; the refiner defaults to the official CascadePSP weights once installed, else
     refine-light). ``max_pixels``: largest image accepted (None: the limit of every front end,
-    ``$FINEMASK_MAX_PIXELS`` or ``engine.io.DEFAULT_MAX_PIXELS``). ``max_file_size``: largest upload ("500mb", or bytes). ``concurrency``:
+    ``$FINEMASK_MAX_PIXELS`` or ``engine.io.DEFAULT_MAX_PIXELS``). ``max_file_size``: largest upload
+    ("500mb", or bytes). ``concurrency``:
     model jobs (segment, refine, edit, save, fine-tune) running at once over all users; the rest
     wait in a queue of at most ``queue_size``. ``editor_max_side``: longest side of the image in
     the browser editor; larger images are edited on a preview. ``display_max_side``: longest side

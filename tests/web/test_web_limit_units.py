@@ -155,7 +155,7 @@ def call_middleware(body: bytes, chunk: int, *, max_files=None, max_bytes=None, 
     error = None
     try:
         asyncio.run(UploadLimit(app, max_files=max_files, max_bytes=max_bytes)(scope, receive, send))
-    except Exception as exc:  # what Gradio's parser would turn into a 413
+    except Exception as exc:  # noqa: BLE001 - what Gradio's parser would turn into a 413
         error = exc
     status = next((m["status"] for m in sent if m["type"] == "http.response.start"), None)
     text = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body").decode()

@@ -193,7 +193,8 @@ def test_finetune_requests_are_capped_in_steps_and_minutes(server, monkeypatch):
             assert kind == "error" and reason in str(message), message
         assert asked == [], "a refused fine-tuning reached the model"
         # within the caps the request goes on; no time budget means the cap's
-        for steps, minutes, want in [(50, 5, (50, 5.0)), (3, 0, (3, 5.0)), (0, 2, (min(bench.config.finetune.steps, 50), 2.0))]:
+        cases = [(50, 5, (50, 5.0)), (3, 0, (3, 5.0)), (0, 2, (min(bench.config.finetune.steps, 50), 2.0))]
+        for steps, minutes, want in cases:
             kind, message, _ = raw_call(client, "call", "finetune", ["tiny", steps, minutes])
             assert kind == "error" and "RuntimeError" in str(message)
             assert asked[-1] == want
@@ -209,6 +210,7 @@ def test_unauthenticated_raw_requests_are_refused(server):
     try:
         for path in ["gradio_api/call/segment", "gradio_api/run/segment", "gradio_api/queue/join"]:
             assert anonymous.post(path, json={"data": []}).status_code in (401, 403)
-        assert anonymous.post("gradio_api/upload", files=[("files", ("a.png", images[0].read_bytes()))]).status_code in (401, 403)
+        upload = [("files", ("a.png", images[0].read_bytes()))]
+        assert anonymous.post("gradio_api/upload", files=upload).status_code in (401, 403)
     finally:
         anonymous.close()

@@ -108,7 +108,8 @@ def test_fifty_requests_complete_or_are_refused_and_none_is_lost(server, tmp_pat
     print(f"served {served} /segment + {report.completed - served} /models, refused {report.refused}, "
           f"RSS growth {growth:.0f} MiB, latency p95 {report.latency_p95:.2f} s")
     # the server still answers: a refused request succeeds when sent again
-    again = fire(url, [plan[refused_segments[0]]], model="tiny", working_size=WORKING_SIZE, check=check, time_limit_s=30)
+    again = fire(url, [plan[refused_segments[0]]], model="tiny", working_size=WORKING_SIZE, check=check,
+                 time_limit_s=30)
     assert again[0].status == "completed", again[0].detail
 
 
