@@ -92,19 +92,18 @@ def keep_unseen(conf: np.ndarray, mask: np.ndarray, glob: GlobalResult,
     1: refinement decides only about what it could see. (Not in the reference, which erases such
     structures; measured in docs/RESULTS.md.)
 
-    ``fast`` (the global step's result is the answer): within about one reduced pixel of the
-    coarse boundary (coverage strictly between ``EDGE_ZONE`` and ``1 - EDGE_ZONE``) the coarse mask
-    is kept too - the global step cannot place a boundary more finely than its own pixel, so it
-    only corrects whole regions (a false blob, a missing part), never the fine boundary of a mask
-    already right at its scale (docs/RESULTS.md: gt/8 masks at 4K lost 4-5 IoU points without this);
-    it only removes, and only regions filling at least 3 x 3 reduced pixels on a decisive verdict
-    (confidence below 1 - ``DECISIVE``); it adds nothing (regions the light model "found" on the
-    alpha-matting composites were all wrong: bench/refine_quality.py). Boundaries stay.
+    ``fast`` (the global step's result is the answer) is stricter, because the light model's
+    verdicts at L px proved unreliable (docs/RESULTS.md): the coarse mask is kept within about one
+    reduced pixel of its boundary (coverage strictly between ``EDGE_ZONE`` and ``1 - EDGE_ZONE``:
+    the global step cannot place a boundary more finely than its pixel; gt/8 masks at 4K lost 4-5
+    IoU points without this), nothing is added (regions the light model "found" on alpha-matting
+    composites were all wrong), and a region is removed only on a decisive verdict (confidence
+    below ``1 - DECISIVE``) where it fills at least 3 x 3 reduced pixels.
     """
     if glob.seen is None:
         return conf
     seen = glob.seen
-    if fast:  # whole regions only: let go of what fills 3 x 3 reduced pixels
+    if fast:  # let go only of what fills 3 x 3 reduced pixels
         seen = -torch.nn.functional.max_pool2d(-glob.seen[None, None], 3, stride=1, padding=1)[0, 0]
     H, W = glob.full_shape
     for r0 in range(0, H, STRIP_ROWS):
@@ -115,8 +114,7 @@ def keep_unseen(conf: np.ndarray, mask: np.ndarray, glob: GlobalResult,
         if fast:
             zone = (cover > EDGE_ZONE) & (cover < 1 - EDGE_ZONE)
             np.copyto(strip, fg.astype(np.float32), where=zone)
-        if fast:
-            strip[~fg] = 0.0  # refinement, not detection: nothing is added (regions found anew were wrong)
+            strip[~fg] = 0.0
             strip[fg & (strip > 1 - DECISIVE)] = 1.0
             cover = bilinear_region(seen, (H, W), (r0, r1), (0, W)).numpy()
         strip[fg & (cover <= 0.5)] = 1.0
