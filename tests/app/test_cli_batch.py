@@ -10,6 +10,7 @@ from app.cli import main
 from engine.batch import read_summary
 from engine.io import read_image, read_labels, write_image
 from engine.refine import Refiner
+from engine.refine_modes import DEFAULT_MODE, mode_options
 from engine.segment import Segmenter
 from training.tiny import make_tiny_refiner, make_tiny_segmenter
 
@@ -58,7 +59,8 @@ def test_batch_on_a_running_cluster_reports_bad_files_and_resumes(tmp_path, mode
     for i in range(4):
         image = folder / f"img{i}.png"
         result = seg.predict(image)
-        want = ref.refine_labels(read_image(image), result.labels, result.probs, L=128)
+        want = ref.refine_labels(read_image(image), result.labels, result.probs, L=128,
+                                 **mode_options(DEFAULT_MODE))  # batch's default mode
         np.testing.assert_array_equal(read_labels(out / f"img{i}.tif"), want)
 
     (folder / "broken.png").unlink()
