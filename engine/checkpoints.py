@@ -198,6 +198,25 @@ def record_metrics(name_or_path: str | Path, key: str, metrics: Any, *, merge: b
     return card
 
 
+def read_pickled_state_dict(path: str | Path, *, strip_module: bool = True) -> dict[str, torch.Tensor]:
+    """A state dict of tensors from a foreign PyTorch weights file (the official CascadePSP file, a
+    torchvision ResNet), read with ``torch.load(weights_only=True)``, which refuses anything but
+    tensors and containers. A ``{"state_dict": ...}`` wrapper is removed, and with
+    ``strip_module`` the ``module.`` prefixes of DataParallel. FineMaskError naming the file when it
+    cannot be read or holds no tensors."""
+    path = Path(path)
+    try:
+        raw = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad file
+        raise FineMaskError(f"not a loadable PyTorch weights file ({type(exc).__name__}: {exc})", path) from None
+    if isinstance(raw, dict) and isinstance(raw.get("state_dict"), dict):
+        raw = raw["state_dict"]
+    if not isinstance(raw, dict) or not raw or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in raw.items()):
+        raise FineMaskError("file does not hold a state dict of tensors", path)
+    return {k.removeprefix("module."): v for k, v in raw.items()} if strip_module else dict(raw)
+
+
 def load_checkpoint(name_or_path: str | Path) -> tuple[dict[str, torch.Tensor], ModelCard]:
     """Load tensors (as float32 where stored as half) and the card; never unpickles."""
     folder = resolve(name_or_path)

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from engine.checkpoints import read_pickled_state_dict
 from engine.errors import FineMaskError
 
 _BN_TENSORS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
@@ -96,17 +97,8 @@ def load_torchvision_resnet(name_or_file: str | Path) -> dict[str, torch.Tensor]
     Raises FineMaskError naming the file when it cannot be read or holds no tensors.
     """
     path = resolve_pretrained(name_or_file)
-    try:
-        raw = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad file
-        raise FineMaskError(f"not a loadable PyTorch weights file ({type(exc).__name__}: {exc})", path) from None
-    if isinstance(raw, dict) and isinstance(raw.get("state_dict"), dict):
-        raw = raw["state_dict"]
-    if not isinstance(raw, dict) or not raw or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in raw.items()
-    ):
-        raise FineMaskError("does not hold a state dict of tensors", path)
-    return dict(raw)
+    # foreign keys such as DataParallel's ``module.`` are reported by the mapping, not dropped here
+    return read_pickled_state_dict(path, strip_module=False)
 
 
 # ------------------------------------------------------------------------------------- mapping

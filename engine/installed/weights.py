@@ -9,18 +9,10 @@ from ..errors import FineMaskError
 
 
 def load_state_dict(path: Path) -> dict[str, Any]:
-    """A state dict of tensors from a pickled weights file, read with ``weights_only=True``."""
-    import torch
+    """A state dict of tensors from a pickled weights file (``engine.checkpoints``' one reader)."""
+    from ..checkpoints import read_pickled_state_dict
 
-    try:
-        raw = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad file
-        raise FineMaskError(f"not a loadable PyTorch weights file ({type(exc).__name__}: {exc})", path) from None
-    if isinstance(raw, dict) and isinstance(raw.get("state_dict"), dict):
-        raw = raw["state_dict"]
-    if not isinstance(raw, dict) or not raw or not all(isinstance(v, torch.Tensor) for v in raw.values()):
-        raise FineMaskError("file does not hold a state dict of tensors", path)
-    return {str(k).removeprefix("module."): v for k, v in raw.items()}
+    return read_pickled_state_dict(path)
 
 
 def detect_kind(state: Mapping[str, Any], path: Path) -> tuple[str, str]:

@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoints import ModelCard, load_checkpoint, save_checkpoint
+from ..checkpoints import ModelCard, load_checkpoint, read_pickled_state_dict, save_checkpoint
 from ..errors import FineMaskError
 from ..models.cascadepsp import RefinementModule, RefinerConfig, build_refinement_module
 
@@ -44,15 +44,7 @@ def load_official(path: str | Path, *, save_to: str | Path | None = None, name: 
     path = Path(path).expanduser()
     if not path.is_file():
         raise FineMaskError("official CascadePSP checkpoint not found", path)
-    try:
-        raw = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad file
-        raise FineMaskError(f"not a loadable PyTorch weights file ({type(exc).__name__}: {exc})", path) from None
-    if isinstance(raw, dict) and isinstance(raw.get("state_dict"), dict):
-        raw = raw["state_dict"]
-    if not isinstance(raw, dict) or not all(isinstance(v, torch.Tensor) for v in raw.values()):
-        raise FineMaskError("file does not hold a state dict of tensors", path)
-    state = {k.removeprefix("module."): v for k, v in raw.items()}
+    state = read_pickled_state_dict(path)
     config = RefinerConfig(backbone="resnet50")
     model = RefinementModule(config)
     load_state(model, state, path)
