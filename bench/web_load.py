@@ -501,7 +501,6 @@ def fire_raw(url: str, plan: list[Request], route: str, *, model: str, uploaded:
     barrier = threading.Barrier(len(plan), action=on_start)
 
     def worker(slot: int, request: Request) -> None:
-        t0 = time.monotonic()
         try:
             clients[slot] = client = RawHttp(url, auth=auth, timeout_s=time_limit_s)
         except Exception as exc:  # noqa: BLE001 - counted as failed once the others go

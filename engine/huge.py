@@ -34,6 +34,7 @@ from .errors import Cancelled, FineMaskError
 from .io import image_shape, max_pixels_limit, unit_rgb
 from .preprocess import fit_longer_side, resize, to_tensor, upsample_rows
 from .refine import GlobalResult, Refiner, arbitrate_classes, coarse_as_global
+from .refine.refiner import check_options
 from .refine.results import keep_unseen
 from .tiling import STRIP_ROWS, Tile, area_resize
 
@@ -341,11 +342,7 @@ def refine_labels_tiled(image: Any, labels: np.ndarray, probs: Any, refiner: Ref
     (default: in-process) in fixed batches of ``batch_size`` tiles. ``skip_global``: as
     ``Refiner.refine``. Returns labels like ``labels``. Raises ``engine.errors.Cancelled``.
     """
-    if L < 96:
-        raise ValueError(f"L must be at least 96, got {L}")
-    if fast and skip_global:
-        raise ValueError("fast (global step only) and skip_global (local step only) exclude each other")
-    selection = selection or refiner.selection
+    selection = check_options(selection or refiner.selection, L, fast, skip_global)
     run_tiles = run_tiles or local_tiles(image, refiner)
     H, W = labels.shape
     if tuple(image.shape[:2]) != (H, W):

@@ -84,12 +84,14 @@ def refine_label_map(refiner: Refiner, image: np.ndarray, labels: np.ndarray, pr
         return arbitrate(labels, probs, plan, confs, return_confidence=return_confidence)
 
     # 2. The local step: (tile, class) pairs grouped by the image crop they read.
-    accs: dict[int, tuple[TileAccumulator, int, int]] = {}
+    accs: dict[int, TileAccumulator] = {}
     groups: dict[Box, list[tuple[int, Tile]]] = {}
+    n_tiles = 0
     for c in refined:
         y0, y1, x0, x1 = plan.boxes[c]
         tiles = tile_grid(y1 - y0, x1 - x0, L, margin=TILE_MARGIN)
-        accs[c] = (TileAccumulator(y1 - y0, x1 - x0, max_overlap(tiles)), y0, x0)
+        accs[c] = TileAccumulator(y1 - y0, x1 - x0, max_overlap(tiles))
+        n_tiles += len(tiles)
         for t in select_tiles(tiles, globs[c], selection, core_margin=L // 8):
             groups.setdefault((y0 + t.y0, y0 + t.y1, x0 + t.x0, x0 + t.x1), []).append((c, t))
     # x-major, as each class's grid: every class's tiles are blended in its own grid order
@@ -98,8 +100,7 @@ def refine_label_map(refiner: Refiner, image: np.ndarray, labels: np.ndarray, pr
     total = n_global + n_pairs + 1
     th, tw = max(k[1] - k[0] for k in order) if order else 1, max(k[3] - k[2] for k in order) if order else 1
     bs = batch_size or refiner.adaptive_batch_size(th, tw)
-    refiner.stats.tiles_total = sum(len(tile_grid(b[1] - b[0], b[3] - b[2], L, margin=TILE_MARGIN))
-                                    for b in (plan.boxes[c] for c in refined))
+    refiner.stats.tiles_total = n_tiles
     refiner.stats.tiles_processed, refiner.stats.batch_size, refiner.stats.crops = n_pairs, bs, len(order)
     progress(total, f"local step: {n_pairs} tiles of {len(refined)} classes, {len(order)} image crops")
     for key in order:
@@ -111,17 +112,16 @@ def refine_label_map(refiner: Refiner, image: np.ndarray, labels: np.ndarray, pr
             chunk = pairs[b0:b0 + bs]
             preds = refiner.predict_regions(crop, [globs[c] for c, _ in chunk], [t for _, t in chunk])
             for (c, t), p in zip(chunk, preds):
-                accs[c][0].add(t, p)
+                accs[c].add(t, p)
             done += len(chunk)
             progress(total, "local step")
 
     def confidences() -> Iterator[tuple[int, np.ndarray]]:
         for c in refined:
-            acc, glob = accs.pop(c)[0], globs.pop(c)
+            acc, glob = accs.pop(c), globs.pop(c)
             yield c, _kept(acc.finish(fallback=glob.full_rows), c, glob)
 
     out = arbitrate(labels, probs, plan, confidences(), return_confidence=return_confidence)
-    done = total
     if on_progress is not None:
         on_progress(total, total, "done")
     return out

@@ -115,13 +115,7 @@ class Refiner:
         """
         image = check_image(image)
         mask, binarise = mask_binariser(mask, image.shape[:2])
-        selection = selection or self.selection
-        if selection not in SELECTIONS:
-            raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
-        if L < 96:  # tiles need L/2 > 2 * 16 px margins (and the network some context)
-            raise ValueError(f"L must be at least 96, got {L}")
-        if fast and skip_global:
-            raise ValueError("fast (global step only) and skip_global (local step only) exclude each other")
+        selection = check_options(selection or self.selection, L, fast, skip_global)
         self.stats = RefineStats(selection=selection)
         H, W = image.shape[:2]
         gh, gw = (min(L, H), min(L, W)) if skip_global else global_size(H, W, L)
@@ -180,13 +174,7 @@ class Refiner:
         if not plan.refined:
             out = labels.copy()
             return (out, np.ones((H, W), np.float32)) if return_confidence else out
-        selection = selection or self.selection
-        if selection not in SELECTIONS:
-            raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
-        if L < 96:
-            raise ValueError(f"L must be at least 96, got {L}")
-        if fast and skip_global:
-            raise ValueError("fast (global step only) and skip_global (local step only) exclude each other")
+        selection = check_options(selection or self.selection, L, fast, skip_global)
         # Memory guard, before any work: the result labels and the arbitration's three maps (full
         # size), every refined class's accumulator (sum + count) and mask, and one tile batch.
         boxes = sum((y1 - y0) * (x1 - x0) for (y0, y1, x0, x1) in (plan.boxes[c] for c in plan.refined))
@@ -392,6 +380,17 @@ def cpu_has_bf16() -> bool:
     except OSError:
         pass
     return False
+
+
+def check_options(selection: str, L: int, fast: bool, skip_global: bool) -> str:
+    """``selection`` once the options of a refinement are checked (ValueError otherwise)."""
+    if selection not in SELECTIONS:
+        raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
+    if L < 96:  # tiles need L/2 > 2 * 16 px margins (and the network some context)
+        raise ValueError(f"L must be at least 96, got {L}")
+    if fast and skip_global:
+        raise ValueError("fast (global step only) and skip_global (local step only) exclude each other")
+    return selection
 
 
 def _check_cancel(cancel: CancelFn | None) -> None:
